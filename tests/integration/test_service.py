@@ -1,0 +1,145 @@
+"""The whole service with real parts: gunicorn over HTTP, Celery worker processes, redis-server."""
+import http.server
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from shared.predictor import read_model_info
+from tests.conftest import CLASSES, image_bytes, noise_png
+
+
+def post_images(stack, files, path="/api/v1/batches", **form):
+    return requests.post(stack.url + path, files=[("images", (name, data)) for name, data in files],
+                         data=form, timeout=60)
+
+
+@pytest.fixture
+def stack(stack_factory):
+    s = stack_factory()
+    s.add_worker()
+    s.wait_ready()
+    return s
+
+
+def test_one_upload_is_classified(stack):
+    resp = post_images(stack, [("cat.png", noise_png(1))], path="/api/v1/jobs")
+    assert resp.status_code == 202
+    job_url = stack.url + resp.headers["Location"]
+    deadline = time.monotonic() + 30
+    while (job := requests.get(job_url, timeout=5).json())["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["status"] == "done", job
+    preds = job["predictions"]
+    assert len(preds) == 3 and all(p["label"] in CLASSES for p in preds)
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    info, _ = read_model_info(stack.settings.model_dir)
+    assert job["model"] == {"name": info.name, "version": info.version}
+    assert job["finished_at"] >= job["created_at"]
+
+
+def test_a_50_image_batch_completes(stack):
+    resp = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(50)])
+    assert resp.status_code == 202
+    batch = stack.wait_batch(resp.json()["batch_id"])
+    assert batch["counts"]["done"] == 50 and len(batch["jobs"]) == 50
+    assert all(len(j["predictions"]) == 3 for j in batch["jobs"])
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = image_bytes("JPEG", size=(64, 48), color=(20, 90, 200))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def image_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def test_a_url_is_fetched_and_classified(stack_factory, image_server):
+    port = image_server.server_address[1]
+    stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{port}"}))
+    stack.add_worker()
+    stack.wait_ready()
+    url = f"http://127.0.0.1:{port}/photo.jpg"
+    resp = requests.post(stack.url + "/api/v1/batches", json={"urls": [url]}, timeout=30)
+    assert resp.status_code == 202
+    batch = stack.wait_batch(resp.json()["batch_id"])
+    [job] = batch["jobs"]
+    assert job["status"] == "done", job
+    assert job["source"] == {"type": "url", "value": url} and job["image"]
+    assert requests.get(f"{stack.url}/images/{job['image']}.jpg", timeout=5).status_code == 200
+
+
+def test_a_private_url_is_refused_without_the_allow_setting(stack, image_server):
+    port = image_server.server_address[1]
+    resp = requests.post(stack.url + "/api/v1/jobs", json={"urls": [f"http://127.0.0.1:{port}/a.jpg"]}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "url_not_allowed"
+
+
+def test_unknown_ids_are_404(stack):
+    assert requests.get(f"{stack.url}/api/v1/jobs/{'a' * 32}", timeout=5).status_code == 404
+    assert requests.get(f"{stack.url}/api/v1/batches/{'a' * 32}", timeout=5).status_code == 404
+
+
+def test_a_non_image_upload_is_415(stack):
+    resp = post_images(stack, [("photo.jpg", b"<html>not an image</html>")])
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_format"
+
+
+def _pool_children(pid: int) -> list[int]:
+    import psutil
+    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def test_a_worker_killed_mid_job_loses_nothing(stack_factory):
+    # A slow model (a 2 s sleep per batch) makes sure the kill lands mid-prediction.
+    stack = stack_factory()
+    first = stack.add_worker("predict", WORKER_TEST_DELAY_S=2)
+    stack.wait_ready()
+    resp = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(5)])
+    batch_id = resp.json()["batch_id"]
+    deadline = time.monotonic() + 30
+    while requests.get(f"{stack.url}/api/v1/batches/{batch_id}", timeout=5).json()["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole worker: main process and pool child
+    first.wait()
+    stack.add_worker("predict")
+    batch = stack.wait_batch(batch_id, timeout=90)
+    assert batch["counts"]["done"] == 5, batch["counts"]
+    assert max(j["attempts"] for j in batch["jobs"]) >= 2  # they really were redelivered
+
+
+def test_redis_down_gives_503_and_the_web_survives(stack):
+    stack.redis.stop()
+    try:
+        t0 = time.monotonic()
+        resp = post_images(stack, [("a.png", noise_png(1))])
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
+        assert time.monotonic() - t0 < 10
+        assert requests.get(stack.url + "/readyz", timeout=10).status_code == 503
+        assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        stack.redis.start()
+    # Back without restarting anything: submissions work again.
+    deadline = time.monotonic() + 30
+    while (resp := post_images(stack, [("a.png", noise_png(1))])).status_code != 202:
+        assert time.monotonic() < deadline, resp.text
+        time.sleep(0.5)

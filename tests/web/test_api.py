@@ -1,0 +1,171 @@
+"""The HTTP API's contract, through Flask's test client against a real Redis (no worker)."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT, image_bytes, noise_png
+
+
+def upload(client, files, path="/api/v1/batches", **form):
+    data = {"images": [(io.BytesIO(b), name) for name, b in files], **form}
+    return client.post(path, data=data, content_type="multipart/form-data")
+
+
+def queued_tasks(app, queue="predict"):
+    r = app.extensions["jobs"].r
+    return [json.loads(m) for m in r.lrange(queue, 0, -1)]
+
+
+def test_batch_upload_answers_202_with_jobs_links_and_location(client, app):
+    resp = upload(client, [("a.png", noise_png(1)), ("b.jpg", image_bytes("JPEG"))])
+    assert resp.status_code == 202
+    body = resp.get_json()
+    assert len(body["jobs"]) == 2 and all(j["status"] == "queued" for j in body["jobs"])
+    assert body["jobs"][0]["source"] == {"type": "upload", "value": "a.png"}
+    assert resp.headers["Location"] == body["links"]["self"] == f"/api/v1/batches/{body['batch_id']}"
+    assert body["links"]["page"] == f"/batches/{body['batch_id']}"
+    assert len(queued_tasks(app)) == 2
+
+
+def test_the_task_carries_the_preprocessed_image_as_json(client, app):
+    upload(client, [("a.png", noise_png(1))])
+    [msg] = queued_tasks(app)
+    assert msg["headers"]["task"] == "predict"
+    assert msg["content-type"] == "application/json"
+
+
+def test_single_job_endpoint(client):
+    resp = upload(client, [("a.png", noise_png(2))], path="/api/v1/jobs")
+    assert resp.status_code == 202
+    job = resp.get_json()
+    assert job["status"] == "queued" and resp.headers["Location"] == f"/api/v1/jobs/{job['job_id']}"
+    got = client.get(f"/api/v1/jobs/{job['job_id']}").get_json()
+    assert got["status"] == "queued" and got["predictions"] is None and got["created_at"]
+
+
+def test_single_job_endpoint_takes_exactly_one_item(client):
+    resp = upload(client, [("a.png", noise_png(1)), ("b.png", noise_png(2))], path="/api/v1/jobs")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "too_many_items"
+
+
+def test_urls_from_json_and_from_a_form_field(client, app):
+    resp = client.post("/api/v1/batches", json={"urls": ["https://example.com/a.jpg"], "top_k": 5})
+    assert resp.status_code == 202 and resp.get_json()["jobs"][0]["status"] == "fetching"
+    resp = client.post("/api/v1/batches", data={"urls": "https://example.com/b.jpg\n\nhttps://example.com/c.png\n"})
+    assert len(resp.get_json()["jobs"]) == 2
+    assert len(queued_tasks(app, "fetch")) == 3
+
+
+def test_unknown_ids_are_404_not_pending(client):
+    for path in ("/api/v1/jobs/" + "0" * 32, "/api/v1/batches/" + "0" * 32, "/api/v1/jobs/nope"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and resp.get_json()["error"]["code"].endswith("not_found")
+
+
+def test_a_non_image_is_415_with_a_json_error(client):
+    resp = upload(client, [("cat.jpg", b"this is text, not a jpeg")])
+    assert resp.status_code == 415
+    assert resp.get_json()["error"]["code"] == "unsupported_format"
+
+
+def test_a_bad_file_in_a_batch_fails_alone(client, app):
+    resp = upload(client, [("good.png", noise_png(1)), ("bad.jpg", b"nope")])
+    assert resp.status_code == 202
+    jobs = resp.get_json()["jobs"]
+    assert [j["status"] for j in jobs] == ["queued", "failed"]
+    assert jobs[1]["error"]["code"] == "unsupported_format"
+    assert len(queued_tasks(app)) == 1
+
+
+@pytest.mark.parametrize("kwargs,status,code", [
+    (dict(data={}, content_type="multipart/form-data"), 400, "no_images"),
+    (dict(data=b"{not json", content_type="application/json"), 400, "invalid_json"),
+    (dict(json=["a", "list"]), 400, "invalid_json"),
+    (dict(json={"urls": "https://x/a.jpg"}), 400, "invalid_field"),
+    (dict(json={"urls": ["https://x/a.jpg"], "top_k": 11}), 400, "invalid_top_k"),
+    (dict(json={"urls": ["https://x/a.jpg"], "top_k": "three"}), 400, "invalid_top_k"),
+    (dict(data=b"raw bytes", content_type="image/png"), 415, "unsupported_media_type"),
+    (dict(json={"urls": ["ftp://example.com/a.jpg"]}), 400, "url_not_allowed"),
+    (dict(json={"urls": ["http://127.0.0.1/a.jpg"]}), 400, "url_not_allowed"),
+])
+def test_bad_requests_get_specific_errors(client, kwargs, status, code):
+    resp = client.post("/api/v1/batches", **kwargs)
+    assert resp.status_code == status, resp.get_json()
+    assert resp.get_json()["error"]["code"] == code and resp.get_json()["error"]["message"]
+
+
+def test_more_items_than_the_batch_limit_is_413(settings_factory):
+    from web import create_app
+    client = create_app(settings_factory(max_batch_items=3)).test_client()
+    resp = client.post("/api/v1/batches", json={"urls": [f"https://example.com/{i}.jpg" for i in range(4)]})
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "too_many_items"
+
+
+def test_a_request_over_the_size_limit_is_413_json(settings_factory):
+    from web import create_app
+    client = create_app(settings_factory(max_request_bytes=50_000)).test_client()
+    resp = upload(client, [("big.png", noise_png(3, size=(200, 200)))])
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "request_too_large"
+
+
+def test_a_file_over_the_per_image_limit_is_refused(settings_factory):
+    from web import create_app
+    client = create_app(settings_factory(max_upload_bytes=1000)).test_client()
+    resp = upload(client, [("big.png", noise_png(3, size=(100, 100)))])
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "file_too_large"
+
+
+def test_uploads_are_stored_under_content_addressed_names(client, app):
+    data = noise_png(4)
+    upload(client, [("../../etc/passwd.png", data)])
+    stored = [p for p in app.extensions["settings"].storage_dir.rglob("*") if p.is_file()]
+    import hashlib
+    sha = hashlib.sha256(data).hexdigest()
+    assert sorted(p.name for p in stored) == [sha, f"{sha}.thumb.jpg"]
+    assert client.get(f"/images/{sha}.jpg").status_code == 200
+
+
+def test_batch_long_poll_returns_when_the_timeout_passes(client):
+    batch_id = upload(client, [("a.png", noise_png(1))]).get_json()["batch_id"]
+    import time
+    t0 = time.monotonic()
+    resp = client.get(f"/api/v1/batches/{batch_id}?wait=1")
+    assert resp.status_code == 200 and 0.9 < time.monotonic() - t0 < 3
+    assert client.get(f"/api/v1/batches/{batch_id}?wait=abc").status_code == 400
+
+
+def test_health_and_readiness(client, app):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    resp = client.get("/readyz")
+    assert resp.status_code == 503 and resp.get_json()["checks"]["workers"] == 0
+    import time
+    app.extensions["jobs"].r.zadd("workers:heartbeat", {"w1": time.time()})
+    assert client.get("/readyz").status_code == 200
+
+
+def test_redis_down_gives_503_json_and_nothing_stored(settings_factory, tmp_path):
+    from tools.stack import free_port
+    from web import create_app
+    client = create_app(settings_factory(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    resp = upload(client, [("a.png", noise_png(1))])
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "service_unavailable"
+    assert client.get("/readyz").status_code == 503
+
+
+def test_pages_render(client):
+    assert b'id="submit-form"' in client.get("/").data
+    batch_id = upload(client, [("a.png", noise_png(1))]).get_json()["batch_id"]
+    page = client.get(f"/batches/{batch_id}")
+    assert page.status_code == 200 and batch_id.encode() in page.data
+    assert client.get("/batches/" + "0" * 32).status_code == 404
+
+
+def test_the_web_tier_never_imports_tensorflow():
+    code = ("import sys; from web import create_app; from shared.settings import Settings; "
+            "create_app(Settings.from_env({})); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

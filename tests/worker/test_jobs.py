@@ -1,0 +1,108 @@
+"""The worker's job handling, in-process, with a real Redis and the tiny model."""
+import numpy as np
+import pytest
+
+from shared.jobs import JobStore, NewJob
+from shared.predictor import Predictor
+from shared.queue import celery_init_app, encode_pixels
+from shared.storage import ImageStore
+from worker.jobs import WorkerState, predict_jobs
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    return Predictor(tiny_model_dir)
+
+
+@pytest.fixture
+def state(settings_factory, predictor):
+    s = settings_factory(task_max_attempts=2)
+    return WorkerState(s, JobStore.from_url(s.redis_url, 3600), ImageStore(s.storage_dir),
+                       celery_init_app(s), predictor)
+
+
+def submit(state, n, top_k=3):
+    batch_id, records = state.store.create_batch([NewJob("upload", f"{i}.png") for i in range(n)], top_k)
+    rng = np.random.default_rng(n)
+    items = [dict(job_id=r["job_id"], pixels=encode_pixels(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                  top_k=top_k) for r in records]
+    return batch_id, items
+
+
+def test_a_batch_is_predicted_in_one_call_with_descending_top_k(state):
+    batch_id, items = submit(state, 5, top_k=4)
+    predict_jobs(state, items)
+    batch = state.store.get_batch(batch_id)
+    assert batch["counts"]["done"] == 5 and state.batch_sizes == [5]
+    classes = state.predictor.info.classes
+    for job in batch["jobs"]:
+        probs = [p["probability"] for p in job["predictions"]]
+        assert len(probs) == 4 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert all(p["label"] in classes for p in job["predictions"])
+        assert job["model"]["name"] == state.predictor.info.name
+
+
+def test_predictions_match_the_predictor_directly(state):
+    batch_id, items = submit(state, 3)
+    predict_jobs(state, items)
+    from shared.queue import decode_pixels
+    direct = state.predictor.predict_proba(np.stack([decode_pixels(i["pixels"]) for i in items]))
+    for job, p in zip(state.store.get_batch(batch_id)["jobs"], direct):
+        assert job["predictions"][0]["label"] == state.predictor.info.classes[int(np.argmax(p))]
+        assert job["predictions"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_a_duplicate_delivery_writes_nothing_new(state):
+    batch_id, items = submit(state, 2)
+    predict_jobs(state, items)
+    before = state.store.get_batch(batch_id)
+    predict_jobs(state, items)
+    after = state.store.get_batch(batch_id)
+    assert after["counts"] == before["counts"] and after["jobs"] == before["jobs"]
+    assert state.batch_sizes == [2]  # the second delivery never reached the model
+
+
+def test_a_job_delivered_too_often_fails_as_poison(state):
+    batch_id, items = submit(state, 1)
+    state.store.mark_running([items[0]["job_id"]])
+    state.store.mark_running([items[0]["job_id"]])  # two deliveries died already
+    predict_jobs(state, items)
+    job = state.store.get_batch(batch_id)["jobs"][0]
+    assert job["status"] == "failed" and job["error"]["code"] == "poison"
+
+
+def test_a_malformed_message_fails_its_job_only(state):
+    batch_id, items = submit(state, 2)
+    items[0]["pixels"] = "not base64!"
+    predict_jobs(state, items)
+    jobs = state.store.get_batch(batch_id)["jobs"]
+    assert [j["status"] for j in jobs] == ["failed", "done"]
+    assert jobs[0]["error"]["code"] == "bad_task"
+
+
+def test_an_image_that_breaks_the_model_fails_alone(state):
+    real = state.predictor
+
+    class Fussy:
+        """Wraps the real predictor; refuses any batch that holds an all-black image."""
+        info = real.info
+
+        def predict_proba(self, images):
+            if (images.reshape(len(images), -1).max(1) == 0).any():
+                raise RuntimeError("model blew up")
+            return real.predict_proba(images)
+
+    state.predictor = Fussy()
+    batch_id, items = submit(state, 3)
+    items[1]["pixels"] = encode_pixels(np.zeros((32, 32, 3), np.uint8))
+    predict_jobs(state, items)
+    jobs = state.store.get_batch(batch_id)["jobs"]
+    assert [j["status"] for j in jobs] == ["done", "failed", "done"]
+    assert jobs[1]["error"]["code"] == "prediction_failed"
+
+
+def test_unknown_or_expired_jobs_are_skipped(state):
+    _, items = submit(state, 1)
+    items[0]["job_id"] = "0" * 32
+    predict_jobs(state, items)
+    assert state.batch_sizes == []

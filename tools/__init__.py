@@ -1,0 +1,1 @@
+"""Developer tools: run the stack locally."""

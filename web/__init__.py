@@ -1,0 +1,81 @@
+"""The web tier: Flask app factory. No TensorFlow here: it starts in about a second."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from shared.jobs import JobStore
+from shared.queue import celery_init_app
+from shared.settings import Settings
+from shared.storage import ImageStore
+
+
+class ApiError(Exception):
+    """An error the client should see: HTTP status + stable code + human message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None):
+    resp = jsonify(error={"code": code, "message": message})
+    resp.status_code = status
+    resp.headers.update(headers or {})
+    return resp
+
+
+# Codes for errors Werkzeug raises before our code runs.
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limited"}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,  # 413 before the body is read
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,               # text fields (a URL list) in memory
+        MAX_FORM_PARTS=settings.max_batch_items * 2 + 100,
+        JSON_SORT_KEYS=False,
+        DEBUG=settings.debug,
+    )
+    app.extensions["settings"] = settings
+    app.extensions["jobs"] = JobStore.from_url(settings.redis_url, settings.retention_seconds)
+    app.extensions["images"] = ImageStore(settings.storage_dir)
+    app.extensions["celery"] = celery_init_app(settings)
+
+    from web.api import api
+    from web.pages import pages
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError):
+        return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        code = _HTTP_CODES.get(e.code, "http_error")
+        message = e.description or e.name
+        if e.code == 413:
+            message = (f"The request is larger than {settings.max_request_bytes // (1024 * 1024)} MB; "
+                       "send fewer or smaller images per request.")
+        return error_response(e.code, code, message)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(e):
+        logging.getLogger("web").warning("redis unavailable: %s", e)
+        return error_response(503, "service_unavailable", "The job queue is unavailable right now; "
+                              "nothing was stored. Try again shortly.", {"Retry-After": "5"})
+
+    @app.errorhandler(Exception)
+    def _unexpected(e):
+        logging.getLogger("web").exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "Something went wrong on our side.")
+
+    return app

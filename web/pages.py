@@ -1,0 +1,44 @@
+"""HTML pages: the upload form and the shareable batch page (plain HTML/CSS/JS, no build step)."""
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, redirect, render_template, request, send_file, url_for
+
+from web import ApiError
+from web.submit import create_submission, parse_submission
+
+pages = Blueprint("pages", __name__)
+
+
+@pages.get("/")
+def index():
+    s = current_app.extensions["settings"]
+    return render_template("index.html", max_items=s.max_batch_items,
+                           max_mb=s.max_upload_bytes // (1024 * 1024))
+
+
+@pages.post("/batches")
+def submit_form():
+    """The form's no-JavaScript path: submit, then go to the batch page."""
+    try:
+        items, top_k = parse_submission(request, current_app.extensions["settings"], single=False)
+        batch_id, _ = create_submission(items, top_k)
+    except ApiError as e:
+        s = current_app.extensions["settings"]
+        return render_template("index.html", error=e.message, max_items=s.max_batch_items,
+                               max_mb=s.max_upload_bytes // (1024 * 1024)), e.status
+    return redirect(url_for("pages.batch_page", batch_id=batch_id), 303)
+
+
+@pages.get("/batches/<batch_id>")
+def batch_page(batch_id: str):
+    if current_app.extensions["jobs"].batch_version(batch_id) is None:
+        abort(404)
+    return render_template("batch.html", batch_id=batch_id)
+
+
+@pages.get("/images/<sha>.jpg")
+def thumbnail(sha: str):
+    path = current_app.extensions["images"].thumbnail_path(sha)
+    if path is None:
+        abort(404)
+    return send_file(path, mimetype="image/jpeg", max_age=86400)

@@ -1,0 +1,135 @@
+"""Turning one HTTP submission into stored images, job records and queued tasks."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import current_app
+from kombu.exceptions import OperationalError
+from redis import RedisError
+from werkzeug.datastructures import FileStorage
+
+from shared.fetch import UrlRefused, check_url
+from shared.images import ImageRejected, check_image, thumbnail_jpeg, to_model_input
+from shared.jobs import NewJob
+from shared.queue import enqueue
+from shared.settings import Settings
+from web import ApiError
+
+log = logging.getLogger("web.submit")
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes | None  # None when the file was over the size limit
+
+
+@dataclass
+class Url:
+    url: str
+
+
+def parse_submission(request, settings: Settings, single: bool) -> tuple[list, int]:
+    """Read files and URLs from a multipart form, a plain form or a JSON body."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_json", 'The body must be a JSON object like {"urls": ["https://..."]}.')
+        urls = body.get("urls", [])
+        if "url" in body:
+            urls = [body["url"]] + (urls if isinstance(urls, list) else [])
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ApiError(400, "invalid_field", '"urls" must be a list of strings.')
+        files, top_k_raw = [], body.get("top_k", 3)
+    elif request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        files = [f for name in ("images", "image") for f in request.files.getlist(name)]
+        text = "\n".join(request.form.getlist("urls") + request.form.getlist("url"))
+        urls = [line.strip() for line in text.splitlines() if line.strip()]
+        top_k_raw = request.form.get("top_k", request.args.get("top_k", 3))
+    else:
+        raise ApiError(415, "unsupported_media_type", "Send multipart/form-data (fields 'images' "
+                       "and/or 'urls') or JSON {\"urls\": [...]}.")
+    top_k = _top_k(top_k_raw)
+    count = len(files) + len(urls)
+    if count == 0:
+        raise ApiError(400, "no_images", "Send at least one image (field 'images') or URL "
+                       "(field 'urls').")
+    if single and count > 1:
+        raise ApiError(400, "too_many_items", f"This endpoint takes one image or URL; got {count}. "
+                       "Use POST /api/v1/batches for several.")
+    if count > settings.max_batch_items:
+        raise ApiError(413, "too_many_items", f"A batch holds at most {settings.max_batch_items} "
+                       f"images or URLs; got {count}. Split it into several batches.")
+    items = [Upload(_filename(f), _read_capped(f, settings.max_upload_bytes)) for f in files]
+    return items + [Url(u) for u in urls], top_k
+
+
+def _top_k(raw) -> int:
+    try:
+        k = int(raw)
+        if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ApiError(400, "invalid_top_k", "top_k must be a whole number from 1 to 10.") from None
+    if not 1 <= k <= 10:
+        raise ApiError(400, "invalid_top_k", "top_k must be a whole number from 1 to 10.")
+    return k
+
+
+def _filename(f: FileStorage) -> str:
+    # Shown back to the user only (never used as a path); keep it short and printable.
+    name = "".join(ch for ch in (f.filename or "upload") if ch.isprintable())
+    return name[-200:] or "upload"
+
+
+def _read_capped(f: FileStorage, limit: int) -> bytes | None:
+    data = f.stream.read(limit + 1)
+    return None if len(data) > limit else data
+
+
+def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
+    """Check and store every item, write the records, queue the work. Returns (batch_id, jobs)."""
+    settings: Settings = current_app.extensions["settings"]
+    images = current_app.extensions["images"]
+    new_jobs, pixels, first_error = [], {}, None
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, Upload):
+                if item.data is None:
+                    raise ImageRejected("file_too_large", f"{item.filename} is larger than "
+                                        f"{settings.max_upload_bytes // (1024 * 1024)} MB.", 413)
+                checked = check_image(item.data, settings.max_image_pixels)
+                images.put(checked.sha256, item.data, thumbnail_jpeg(checked.image))
+                pixels[i] = to_model_input(checked.image)
+                new_jobs.append(NewJob("upload", item.filename, checked.sha256))
+            else:
+                check_url(item.url, settings.fetch_allow_hosts, resolve=False)
+                new_jobs.append(NewJob("url", item.url, status="fetching"))
+        except (ImageRejected, UrlRefused) as exc:
+            first_error = first_error or exc
+            source = ("upload", item.filename) if isinstance(item, Upload) else ("url", item.url[:2048])
+            new_jobs.append(NewJob(*source, status="failed", error_code=exc.code, error_message=exc.message))
+    if first_error is not None and len(pixels) + sum(j.status == "fetching" for j in new_jobs) == 0:
+        # Nothing usable at all: answer with the reason instead of a batch of failures.
+        raise ApiError(first_error.status, first_error.code, first_error.message)
+
+    store = current_app.extensions["jobs"]
+    batch_id, records = store.create_batch(new_jobs, top_k)
+    try:
+        enqueue(current_app.extensions["celery"],
+                [(records[i]["job_id"], p, top_k) for i, p in pixels.items()],
+                [(r["job_id"], r["source"], top_k) for r in records if r["status"] == "fetching"])
+    except (OperationalError, RedisError, OSError) as exc:
+        log.warning("could not queue batch %s: %s", batch_id, exc)
+        try:
+            store.delete_batch(batch_id, [r["job_id"] for r in records])
+        except RedisError:
+            pass  # Redis is gone: the 503 tells the client; the records expire with retention
+        raise ApiError(503, "service_unavailable", "The job queue is unavailable right now; "
+                       "nothing was queued. Try again shortly.", {"Retry-After": "5"}) from None
+    jobs = [{"job_id": r["job_id"], "source": {"type": r["source_type"], "value": r["source"]},
+             "status": r["status"],
+             **({"error": {"code": r["error_code"], "message": r["error_message"]}}
+                if r["status"] == "failed" else {})} for r in records]
+    return batch_id, jobs

@@ -1,0 +1,1 @@
+"""Celery workers: prediction (the model, batched) and URL fetching."""

@@ -1,0 +1,84 @@
+"""Start a worker: `python -m worker [--queues predict,fetch] [--concurrency N]`.
+
+Prediction and fetching want different pools (processes that each hold the model, versus
+many threads waiting on the network), so with both queues this starts two Celery workers
+and stops both together. Start it any number of times, on any machine that reaches REDIS_URL.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+from shared.predictor import ModelLoadError, read_model_info
+from shared.queue import FETCH_QUEUE, PREDICT_QUEUE
+from shared.settings import Settings
+
+
+def celery_command(queue: str, concurrency: int, loglevel: str) -> list[str]:
+    pool = ["-P", "prefork", "-c", str(concurrency)] if queue == PREDICT_QUEUE \
+        else ["-P", "threads", "-c", str(concurrency)]
+    name = f"{queue}-{uuid.uuid4().hex[:6]}@%h"
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, *pool,
+            "-n", name, "-l", loglevel, "--without-gossip", "--without-mingle"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--queues", default=f"{PREDICT_QUEUE},{FETCH_QUEUE}")
+    p.add_argument("--concurrency", type=int, default=1, help="model processes (predict queue)")
+    p.add_argument("--fetch-concurrency", type=int, help="fetch threads (default: FETCH_CONCURRENCY)")
+    p.add_argument("--loglevel", default="INFO")
+    args = p.parse_args(argv)
+    settings = Settings.from_env()
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - {PREDICT_QUEUE, FETCH_QUEUE}
+    if unknown or not queues:
+        p.error(f"--queues takes {PREDICT_QUEUE} and/or {FETCH_QUEUE}")
+    if PREDICT_QUEUE in queues:
+        try:  # fail now, with a clear message, rather than in a pool child that Celery restarts
+            info, _ = read_model_info(settings.model_dir)
+        except ModelLoadError as exc:
+            print(f"worker: cannot start: {exc}", file=sys.stderr)
+            return 2
+        print(f"worker: model {info.name} {info.version} from {settings.model_dir}", flush=True)
+
+    commands = []
+    for queue in queues:
+        conc = args.concurrency if queue == PREDICT_QUEUE else (args.fetch_concurrency or settings.fetch_concurrency)
+        env = dict(os.environ, WORKER_LOADS_MODEL="1" if queue == PREDICT_QUEUE else "0")
+        commands.append((celery_command(queue, conc, args.loglevel), env))
+    if len(commands) == 1:
+        cmd, env = commands[0]
+        os.execvpe(cmd[0], cmd, env)  # one queue: become the Celery worker (signals go straight to it)
+
+    children = [subprocess.Popen(cmd, env=env) for cmd, env in commands]
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, forward)
+    # When one worker exits, stop the other: a half-running worker would only mislead.
+    code = None
+    while code is None:
+        for child in children:
+            try:
+                rc = child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            code = rc
+            break
+    forward(signal.SIGTERM, None)
+    for child in children:
+        child.wait()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

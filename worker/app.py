@@ -1,0 +1,98 @@
+"""The Celery app the workers run (`celery -A worker.app worker ...`; `python -m worker` wraps it).
+
+Tasks are thin: they unpack the message and call worker.jobs. The model is loaded once per
+worker process, after the fork (TensorFlow must not be imported before forking).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery import signals
+from celery_batches import Batches
+
+from shared.jobs import JobStore
+from shared.queue import FETCH_TASK, PREDICT_TASK, celery_init_app
+from shared.settings import Settings
+from shared.storage import ImageStore
+from worker.jobs import WorkerState, fetch_job, predict_jobs
+
+log = logging.getLogger("worker")
+
+
+def create_worker_app(settings: Settings):
+    app = celery_init_app(settings)
+    # celery-batches keeps a buffer of received messages: the prefetch window must hold a batch.
+    app.conf.worker_prefetch_multiplier = 2 * settings.predict_batch_size
+    state = WorkerState(settings, JobStore.from_url(settings.redis_url, settings.retention_seconds),
+                        ImageStore(settings.storage_dir), app)
+    app.state = state
+
+    @app.task(name=PREDICT_TASK, base=Batches, flush_every=settings.predict_batch_size,
+              flush_interval=settings.predict_batch_wait_ms / 1000.0, acks_late=True)
+    def predict(requests):
+        # Every message that arrived within the wait (up to the batch size): one model call.
+        predict_jobs(state, [dict(r.kwargs) for r in requests])
+
+    @app.task(name=FETCH_TASK, acks_late=True)
+    def fetch(job_id: str, url: str, top_k: int = 3):
+        fetch_job(state, job_id, url, top_k)
+
+    @signals.worker_process_init.connect(weak=False)
+    def load_model(**_):
+        if os.environ.get("WORKER_LOADS_MODEL", "1") == "1":
+            _load_model(state)
+
+    @signals.worker_init.connect(weak=False)
+    def load_model_in_main(sender=None, **_):
+        # Pools without child processes (solo, threads) never fire worker_process_init.
+        if os.environ.get("WORKER_LOADS_MODEL", "1") == "1" and sender is not None and \
+                sender.pool_cls.__module__.split(".")[-1] in ("solo", "thread"):
+            _load_model(state)
+
+    return app
+
+
+def _load_model(state: WorkerState) -> None:
+    from shared.predictor import Predictor  # TensorFlow is imported here, after the fork
+    t0 = time.perf_counter()
+    state.predictor = Predictor(state.settings.model_dir, precision=state.settings.predict_precision)
+    # Warm up: the first call traces and compiles; do it now, not on a user's request.
+    import numpy as np
+    state.predictor.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
+    log.info("model %s %s ready in %.1fs", state.predictor.info.name, state.predictor.info.version,
+             time.perf_counter() - t0)
+    delay = float(os.environ.get("WORKER_TEST_DELAY_S", "0"))
+    if delay:  # fault injection, for the tests only: every model call takes this much longer
+        state.predictor = _Slowed(state.predictor, delay)
+    threading.Thread(target=_heartbeat, args=(state,), daemon=True, name="heartbeat").start()
+
+
+class _Slowed:
+    def __init__(self, predictor, delay: float):
+        self.info, self._predictor, self._delay = predictor.info, predictor, delay
+
+    def predict_proba(self, images):
+        time.sleep(self._delay)
+        return self._predictor.predict_proba(images)
+
+
+def _heartbeat(state: WorkerState) -> None:
+    """Tell the web tier (/readyz) that a worker with the model loaded is alive."""
+    node = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            now = time.time()
+            with state.store.r.pipeline() as p:
+                p.zadd("workers:heartbeat", {node: now})
+                p.zremrangebyscore("workers:heartbeat", "-inf", now - 3600)
+                p.execute()
+        except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
+            log.debug("heartbeat failed: %s", exc)
+        time.sleep(state.settings.worker_heartbeat_seconds)
+
+
+app = create_worker_app(Settings.from_env())
