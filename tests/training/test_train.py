@@ -1,0 +1,147 @@
+"""The recipe end to end on a tiny dataset, the export round trip, and the shipped model."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, SHIPPED_MODEL
+from tests.training.test_data import make_tar
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def make_learnable_dataset(root, per_class=60):
+    """Four classes told apart by colour, with noise: a net learns it in a few steps."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    colours = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 220, 40)}
+    for split, n in (("train", per_class), ("test", per_class // 3)):
+        for name, c in colours.items():
+            folder = root / "colours" / split / name
+            folder.mkdir(parents=True)
+            for j in range(n):
+                a = np.clip(np.array(c) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(folder / f"{j}.png")
+    return make_tar(root / "colours", root / "colours.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    os.environ["CIFAR_SVC_CACHE"] = str(root / "cache")
+    archive = make_learnable_dataset(root)
+    out = root / "model"
+    cmd = [sys.executable, "-m", "training.train", "--data", str(archive), "--out", str(out),
+           "--epochs", "3", "--set", "widths=[16,32,32]", "batch_size=48", "val_size=40",
+           "tta_level=1", "whiten_bias_epochs=1", "lookahead_start_epoch=1"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(ENV, CIFAR_SVC_CACHE=str(root / "cache")),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return archive, out, run.stdout
+
+
+def test_training_prints_a_line_per_epoch_and_a_summary(trained):
+    _, _, stdout = trained
+    epochs = re.findall(r"^epoch\s+(\d+)\s+loss ([\d.]+)\s+train_acc ([\d.]+)\s+val_acc ([\d.]+)\s+([\d.]+)s$",
+                        stdout, re.M)
+    assert [int(e[0]) for e in epochs] == [1, 2, 3]
+    assert re.search(r"^done: \d+ steps, 3 epochs; training [\d.]+ min", stdout, re.M)
+
+
+def test_the_loss_falls_and_the_model_learns(trained):
+    _, out, _ = trained
+    meta = json.loads((out / "model.json").read_text())
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0]
+    assert meta["test"]["accuracy"] > 0.5  # four classes: chance is 0.25
+
+
+def test_the_model_directory_is_complete(trained):
+    _, out, _ = trained
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red", "yellow"]
+    assert meta["tta_level"] == 1 and meta["temperature"] > 0
+    assert meta["recipe"]["widths"] == [16, 32, 32] and meta["data"]["sha256"]
+    for key in ("accuracy", "top3_accuracy", "ece", "per_class", "confusion"):
+        assert key in meta["test"]
+    for f in ("model.keras", "MODEL_CARD.md", "training_curves.png", "confusion_matrix.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_evaluate_prints_the_accuracy_last(trained):
+    archive, out, _ = trained
+    run = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out), "--data", str(archive)],
+                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True)
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"accuracy=[01]\.\d{4}", last)
+    meta = json.loads((out / "model.json").read_text())
+    assert float(last.split("=")[1]) == pytest.approx(meta["test"]["accuracy"], abs=1e-4)
+    assert "top3_accuracy=" in run.stdout and "ece=" in run.stdout
+
+
+def test_a_saved_model_reloads_with_identical_predictions(tmp_path):
+    code = f"""
+import numpy as np, keras
+from pathlib import Path
+from training.model import build_net, init_whitening
+from training.export import save_inference_model
+from shared.predictor import Predictor
+keras.utils.set_random_seed(1)
+recipe = dict(widths=(8, 16, 16), bn_momentum=0.6, scaling_factor=1/9, tta_level=0)
+net = build_net(10, recipe["widths"], 0.6, 1/9)
+x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
+init_whitening(net, x)
+net(x, training=True)  # move the BatchNorm statistics away from their initial values
+save_inference_model(net, Path({str(tmp_path)!r}), [str(i) for i in range(10)], recipe)
+a = np.asarray(net(x, training=False))
+b = Predictor({str(tmp_path)!r}).logits(x)
+print(np.abs(a - b).max())
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True,
+                         text=True, check=True, timeout=300)
+    assert float(run.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_a_corrupt_model_file_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+    from shared.predictor import ModelLoadError, read_model_info
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    with open(bad / "model.keras", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="checksum"):
+        read_model_info(bad)
+    (bad / "model.keras").unlink()
+    with pytest.raises(ModelLoadError, match="expected"):
+        read_model_info(bad)
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL / "model.json").exists(), reason="no shipped model yet")
+def test_the_shipped_model_knows_some_test_images():
+    """A few images of the shipped data copy, classified through the service's own path."""
+    from training.data import SHARED_JPEG_ARCHIVE
+    if not SHARED_JPEG_ARCHIVE.exists():
+        pytest.skip("../shared/data is not beside the repo")
+    code = f"""
+import tarfile, numpy as np
+from shared.images import preprocess
+from shared.predictor import Predictor
+p = Predictor({str(SHIPPED_MODEL)!r})
+names, images = [], []
+with tarfile.open({str(SHARED_JPEG_ARCHIVE)!r}) as tar:
+    for m in tar:
+        parts = m.name.split("/")
+        if m.isfile() and "test" in parts and parts[-1] in ("0000.jpg", "0001.jpg", "0002.jpg"):
+            names.append(parts[-2]); images.append(preprocess(tar.extractfile(m).read()))
+pred = p.predict_proba(np.stack(images)).argmax(1)
+print(sum(p.info.classes[i] == n for i, n in zip(pred, names)), len(names))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True,
+                         text=True, check=True, timeout=300)
+    right, total = map(int, run.stdout.split()[-2:])
+    assert total == 30 and right >= 25  # a 90 % model gets about 27 of 30
