@@ -35,7 +35,7 @@ def save_inference_model(model: keras.Model, out: Path, classes: list[str], reci
     # Ship float32 layers: the serving precision is the worker's choice, not baked into the file.
     keras.mixed_precision.set_global_policy("float32")
     shipped = build_net(len(classes), recipe["widths"], recipe["bn_momentum"],
-                        recipe["scaling_factor"], name=model.name)
+                        recipe["scaling_factor"], recipe.get("depth", 2), name=model.name)
     shipped.set_weights(model.get_weights())
     out.mkdir(parents=True, exist_ok=True)
     shipped.save(out / MODEL_FILE)

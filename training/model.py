@@ -31,7 +31,7 @@ def batch_norm(momentum: float, name: str) -> keras.layers.BatchNormalization:
 
 
 def build_net(num_classes: int = 10, widths=(64, 256, 256), bn_momentum: float = 0.6,
-              scaling_factor: float = 1 / 9, name: str = "airbench") -> keras.Model:
+              scaling_factor: float = 1 / 9, depth: int = 2, name: str = "airbench") -> keras.Model:
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = keras.layers.Normalization(mean=CIFAR_MEAN, variance=CIFAR_STD ** 2, name="normalize")(inputs)
     # Patch-whitening: fixed filters from the data's 2x2 patch covariance (set in init_whitening).
@@ -42,10 +42,13 @@ def build_net(num_classes: int = 10, widths=(64, 256, 256), bn_momentum: float =
         x = conv(width, f"block{i}_conv1")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
         x = batch_norm(bn_momentum, f"block{i}_norm1")(x)
-        x = keras.layers.Activation("gelu", name=f"block{i}_gelu1")(x)
-        x = conv(width, f"block{i}_conv2")(x)
-        x = batch_norm(bn_momentum, f"block{i}_norm2")(x)
-        x = keras.layers.Activation("gelu", name=f"block{i}_gelu2")(x)
+        x = skip = keras.layers.Activation("gelu", name=f"block{i}_gelu1")(x)
+        for j in range(2, depth + 1):
+            x = conv(width, f"block{i}_conv{j}")(x)
+            x = batch_norm(bn_momentum, f"block{i}_norm{j}")(x)
+            x = keras.layers.Activation("gelu", name=f"block{i}_gelu{j}")(x)
+        if depth > 2:  # airbench96's deeper block: the extra convs sit on a residual path
+            x = keras.layers.Add(name=f"block{i}_residual")([x, skip])
     x = keras.layers.MaxPooling2D(3, name="pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=torch_default_init(),
