@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import redis
 from flask import Flask, jsonify, request
@@ -33,6 +35,12 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
 
+# Pages load only our own scripts and styles (no inline script), and cannot be framed.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+       "frame-ancestors 'none'")
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
@@ -48,11 +56,39 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["jobs"] = JobStore.from_url(settings.redis_url, settings.retention_seconds)
     app.extensions["images"] = ImageStore(settings.storage_dir)
     app.extensions["celery"] = celery_init_app(settings)
+    app.config["RATELIMIT_STORAGE_URI"] = settings.redis_url
+    app.config["RATELIMIT_STORAGE_OPTIONS"] = {"socket_connect_timeout": 2, "socket_timeout": 5}
+    from web.extensions import limiter
+    limiter.init_app(app)
 
     from web.api import api
     from web.pages import pages
     app.register_blueprint(api)
     app.register_blueprint(pages)
+
+    @app.before_request
+    def _expire_stored_images():
+        # Job records expire in Redis by themselves; stored images are swept here, at most
+        # hourly, by whichever web process gets the Redis lock.
+        now = time.monotonic()
+        if now < app.extensions.get("next_image_sweep", 0):
+            return
+        app.extensions["next_image_sweep"] = now + 3600
+        try:
+            if app.extensions["jobs"].r.set("images:sweep-lock", "1", nx=True, ex=3600):
+                threading.Thread(target=app.extensions["images"].sweep,
+                                 args=(settings.retention_seconds,), daemon=True).start()
+        except redis.RedisError:
+            app.extensions["next_image_sweep"] = 0  # try again on a later request
+
+    @app.after_request
+    def _security_headers(resp):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        if resp.mimetype == "text/html":
+            resp.headers.setdefault("Content-Security-Policy", CSP)
+            resp.headers.setdefault("X-Frame-Options", "DENY")
+        return resp
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):

@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from web import ApiError
+from web.extensions import limiter, submission_limit
 from web.submit import create_submission, parse_submission
 
 api = Blueprint("api", __name__)
@@ -24,6 +25,7 @@ def _links(batch_id: str) -> dict:
 
 
 @api.post("/api/v1/batches")
+@limiter.limit(submission_limit)
 def post_batch():
     items, top_k = parse_submission(request, _ext("settings"), single=False)
     batch_id, jobs = create_submission(items, top_k)
@@ -32,6 +34,7 @@ def post_batch():
 
 
 @api.post("/api/v1/jobs")
+@limiter.limit(submission_limit)
 def post_job():
     items, top_k = parse_submission(request, _ext("settings"), single=True)
     batch_id, jobs = create_submission(items, top_k)

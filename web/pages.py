@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, redirect, render_template, request, send_file, url_for
 
 from web import ApiError
+from web.extensions import limiter, submission_limit
 from web.submit import create_submission, parse_submission
 
 pages = Blueprint("pages", __name__)
@@ -17,6 +18,7 @@ def index():
 
 
 @pages.post("/batches")
+@limiter.limit(submission_limit)
 def submit_form():
     """The form's no-JavaScript path: submit, then go to the batch page."""
     try:

@@ -169,3 +169,40 @@ def test_the_web_tier_never_imports_tensorflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_submissions_are_rate_limited_per_client_with_retry_after(settings_factory):
+    from web import create_app
+    client = create_app(settings_factory(rate_limit="2/minute")).test_client()
+    codes = [upload(client, [("a.png", noise_png(1))]).status_code for _ in range(3)]
+    assert codes == [202, 202, 429]
+    resp = upload(client, [("a.png", noise_png(1))])
+    assert resp.get_json()["error"]["code"] == "rate_limited" and int(resp.headers["Retry-After"]) > 0
+    assert client.get("/healthz").status_code == 200  # reading is not limited
+
+
+def test_pages_carry_security_headers(client):
+    resp = client.get("/")
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert b"<script>" not in resp.data  # no inline script for the CSP to allow
+
+
+def test_stored_images_older_than_the_retention_period_are_swept(settings_factory):
+    import os
+    import time
+    from web import create_app
+    settings = settings_factory(retention_days=1)
+    old = settings.storage_dir / "ab" / ("ab" + "0" * 62)
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    fresh = settings.storage_dir / "cd" / ("cd" + "0" * 62)
+    fresh.parent.mkdir(parents=True)
+    fresh.write_bytes(b"y")
+    create_app(settings).test_client().get("/healthz")
+    deadline = time.monotonic() + 5
+    while old.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not old.exists() and fresh.exists()

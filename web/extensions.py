@@ -1,0 +1,12 @@
+"""Flask extensions, created once and bound to each app in create_app (the usual Flask pattern)."""
+from flask import current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+# Per-client limits on submissions, counted in Redis so every web process shares them.
+# swallow_errors: with Redis down the limiter steps aside and the request gets the real 503.
+limiter = Limiter(get_remote_address, headers_enabled=True, swallow_errors=True)
+
+
+def submission_limit() -> str:
+    return current_app.extensions["settings"].rate_limit
