@@ -61,12 +61,13 @@ def start_redis(port: int, data_dir: Path, appendonly: bool = False) -> subproce
     return proc
 
 
-def start_web(env: dict, port: int, workers: int = 2, threads: int = 16) -> subprocess.Popen:
+def start_web(env: dict, port: int, workers: int = 2, threads: int = 16,
+              app: str = "web.wsgi:app") -> subprocess.Popen:
     # gthread workers: a long-polling client holds a thread, not a whole process.
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k",
          "gthread", "--threads", str(threads), "--graceful-timeout", "5", "--timeout", "60",
-         "web.wsgi:app"], cwd=REPO_ROOT, env=env)
+         app], cwd=REPO_ROOT, env=env)
     wait_for_port(port, proc=proc)
     return proc
 

@@ -6,6 +6,7 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
+from shared.jobs import FINAL
 from web import ApiError
 from web.extensions import limiter, submission_limit
 from web.submit import create_submission, parse_submission
@@ -45,10 +46,20 @@ def post_job():
 
 @api.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):
-    job = _ext("jobs").get_job(job_id) if _ID.match(job_id) else None
+    store = _ext("jobs")
+    job = store.get_job(job_id) if _ID.match(job_id) else None
     if job is None:
         raise ApiError(404, "job_not_found", f"No job {job_id!r} (unknown, or expired after the "
                        "retention period).")
+    wait = _float_arg("wait", 0.0, 0.0, _ext("settings").long_poll_max_seconds)
+    deadline = time.monotonic() + wait
+    # Long-poll: answer as soon as the job finishes (its batch's channel says when it changes).
+    while job["status"] not in FINAL and (left := deadline - time.monotonic()) > 0:
+        version = store.batch_version(job["batch_id"])
+        if version is None:
+            break
+        store.wait_for_change(job["batch_id"], version, left)
+        job = store.get_job(job_id) or job
     return jsonify(job)
 
 

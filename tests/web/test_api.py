@@ -206,3 +206,15 @@ def test_stored_images_older_than_the_retention_period_are_swept(settings_factor
     while old.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not old.exists() and fresh.exists()
+
+
+def test_job_long_poll_answers_when_the_job_finishes(client, app):
+    import threading
+    import time
+    job = upload(client, [("a.png", noise_png(1))], path="/api/v1/jobs").get_json()
+    store = app.extensions["jobs"]
+    threading.Timer(0.5, store.complete, args=([job["job_id"]], [[{"label": "cat", "probability": 1.0}]],
+                                               {"name": "m", "version": "1"})).start()
+    t0 = time.monotonic()
+    got = client.get(f"/api/v1/jobs/{job['job_id']}?wait=10").get_json()
+    assert got["status"] == "done" and 0.4 < time.monotonic() - t0 < 3

@@ -48,13 +48,14 @@
     card.className = "card " + job.status;
     const img = card.querySelector(".thumb");
     if (job.image && !img.getAttribute("src")) img.src = "/images/" + job.image + ".jpg";
+    img.classList.toggle("none", !job.image);
     const body = card.querySelector(".body");
     body.replaceChildren(el("div", "name", sourceName(job)));
     body.firstChild.title = sourceName(job);
     if (job.status === "done") {
-      for (const p of job.predictions) {
+      job.predictions.forEach((p, rank) => {
         const pct = (100 * p.probability).toFixed(1) + "%";
-        const row = el("div", "pred");
+        const row = el("div", rank === 0 ? "pred top" : "pred");
         const label = el("div", "label");
         label.append(el("b", "", p.label), el("span", "", pct));
         const track = el("div", "track");
@@ -64,7 +65,7 @@
         row.append(label, track);
         row.setAttribute("aria-label", p.label + " " + pct);
         body.append(row);
-      }
+      });
     } else if (job.status === "failed") {
       body.append(el("div", "state", job.error ? job.error.message : "Failed"));
     } else {

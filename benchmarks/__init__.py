@@ -1,0 +1,1 @@
+"""Benchmarks: the whole service against the raw model and against the usual synchronous Flask app."""

@@ -1,0 +1,61 @@
+"""The ceiling: the worker's own compiled prediction function, in-process, no service around it.
+
+    python -m benchmarks.raw [MODEL_DIR] [--seconds S]
+
+Prints one JSON object: images/second per precision and batch size, and how many times each
+function was traced (1 means any batch size ran the same compiled graph).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+from shared.predictor import Predictor  # noqa: E402
+
+BATCH_SIZES = (1, 8, 64, 256, 1024)
+
+
+def images_per_second(predictor: Predictor, batch: int, seconds: float) -> float:
+    x = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    predictor.predict_proba(x)  # warm
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds or n < 3:
+        predictor.predict_proba(x, batch_size=batch)
+        n += 1
+    return n * batch / elapsed
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="models/cifar10-airbench")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--precisions", default="float32,bfloat16")
+    args = p.parse_args(argv)
+    out = {"img_s": {}, "tracing_count": {}, "tta_level": None}
+    check = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    reference = None
+    for precision in args.precisions.split(","):
+        predictor = Predictor(args.model, precision=precision)
+        out["tta_level"] = predictor.tta_level
+        out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1)
+                                   for b in BATCH_SIZES}
+        out["tracing_count"][precision] = predictor.tracing_count
+        top1 = predictor.predict_proba(check).argmax(1)
+        if reference is None:
+            reference = top1
+        else:
+            out[f"top1_agreement_{precision}_vs_float32"] = float(np.mean(top1 == reference))
+    best = max((v, prec, b) for prec, d in out["img_s"].items() for b, v in d.items())
+    out["best"] = {"img_s": best[0], "precision": best[1], "batch": int(best[2])}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
