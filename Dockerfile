@@ -15,7 +15,7 @@ COPY models ./models
 RUN useradd --create-home --uid 10001 app && mkdir -p /data/images && chown -R app /data
 USER app
 EXPOSE 8000
-CMD ["gunicorn", "-b", "0.0.0.0:8000", "-w", "2", "-k", "gthread", "--threads", "16", "web.wsgi:app"]
+CMD ["gunicorn", "-c", "python:web.gunicorn_conf", "-b", "0.0.0.0:8000", "-w", "2", "-k", "gthread", "--threads", "16", "web.wsgi:app"]
 
 FROM base AS gpu
 USER root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.server
 import io
 import json
 import os
@@ -27,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import redis as redis_lib
 import requests
 from PIL import Image
 
+from tools.imageserver import ImageServer
 from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop
 
 SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -122,30 +123,6 @@ def run_clients(n_requests: int, concurrency: int, one) -> tuple[float, list[flo
     return time.perf_counter() - t0, latencies
 
 
-class SlowImageServer(http.server.ThreadingHTTPServer):
-    """Answers GET /<i>.jpg with test image i after a fixed delay (a slow remote site)."""
-    daemon_threads = True
-    request_queue_size = 1024
-
-    def __init__(self, images: list[bytes], delay: float):
-        self.images, self.delay = images, delay
-        super().__init__(("127.0.0.1", 0), _SlowHandler)
-
-
-class _SlowHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        time.sleep(self.server.delay)
-        body = self.server.images[int(self.path.strip("/").split(".")[0]) % len(self.server.images)]
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def wait_ready(url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -184,8 +161,10 @@ def main(argv=None) -> dict:
     images = test_images(n_batch)
     results: dict = {"quick": args.quick, "model": args.model}
     procs, tmp = [], Path(tempfile.mkdtemp(prefix="bench-"))
+    # The result cache stays off for the measured paths (the same test images recur); its own
+    # effect is measured last, on a repeat of the batch.
     env = dict(os.environ, MODEL_DIR=args.model, STORAGE_DIR=str(tmp / "images"), TF_CPP_MIN_LOG_LEVEL="3",
-               RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1")
+               RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1", RESULT_CACHE="0")
     try:
         # 1. The raw model, in its own process.
         raw = subprocess.run([sys.executable, "-m", "benchmarks.raw", args.model, "--seconds",
@@ -222,9 +201,8 @@ def main(argv=None) -> dict:
         procs.append(start_redis(rport, tmp / "redis"))
         redis_tree = ProcessTree(procs[-1])
         env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
-        slow = SlowImageServer(images, delay=0.1)
-        threading.Thread(target=slow.serve_forever, daemon=True).start()
-        env["FETCH_ALLOW_HOSTS"] = f"127.0.0.1:{slow.server_address[1]}"
+        slow = ImageServer(images, delay=0.1)  # a remote site that takes 100 ms per image
+        env["FETCH_ALLOW_HOSTS"] = f"127.0.0.1:{slow.port}"
         wport = free_port()
         web = start_web(env, wport)
         procs.append(web)
@@ -274,10 +252,8 @@ def main(argv=None) -> dict:
         print(f"single images x{args.concurrency}: {results['single_img_s']} img/s {percentiles(lat)}", flush=True)
 
         # (c) a batch of URLs, each served after 100 ms.
-        port = slow.server_address[1]
         t0 = time.perf_counter()
-        resp = requests.post(url + "/api/v1/batches", json={"urls": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n_urls)]},
-                             timeout=120)
+        resp = requests.post(url + "/api/v1/batches", json={"urls": [slow.url(i) for i in range(n_urls)]}, timeout=120)
         batch = wait_batch(url, resp.json()["batch_id"])
         results["urls_s"] = round(time.perf_counter() - t0, 2)
         results[f"urls_{n_urls}_s"] = results["urls_s"]
@@ -287,6 +263,27 @@ def main(argv=None) -> dict:
 
         results["web_rss_mb"] = web_tree.max_process_rss_mb()
         results["worker_rss_mb"] = worker_tree.max_process_rss_mb()
+
+        # (d) the result cache: a worker with it on, the same batch twice.
+        stop(worker)
+        procs.remove(worker)
+        cache_env = dict(env, RESULT_CACHE="1")
+        worker = start_worker(cache_env, "predict", stdout=open(tmp / "worker-cache.log", "wb"),
+                              stderr=subprocess.STDOUT)
+        procs.append(worker)
+        since = time.time()
+        heartbeats = redis_lib.Redis.from_url(env["REDIS_URL"])
+        while not heartbeats.zrangebyscore("workers:heartbeat", since, "+inf"):  # the new worker's
+            time.sleep(0.1)
+        cache = {}
+        for attempt in ("first", "repeat"):
+            t0 = time.perf_counter()
+            resp = requests.post(url + "/api/v1/batches", files=[("images", (f"{i}.jpg", b)) for i, b in enumerate(images)],
+                                 timeout=300)
+            wait_batch(url, resp.json()["batch_id"])
+            cache[f"{attempt}_img_s"] = round(n_batch / (time.perf_counter() - t0), 1)
+        results["result_cache"] = cache
+        print(f"result cache: {cache}", flush=True)
         results["batch_vs_raw"] = round(results["batch_img_s"] / results["raw_best_img_s"], 3)
         results["single_vs_flask"] = round(results["single_img_s"] / results["flask_img_s"], 2)
     finally:

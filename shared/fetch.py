@@ -19,17 +19,15 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.errors import InputRefused
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_URL_LENGTH = 2048
 USER_AGENT = "cifar-svc-fetcher/1.0"
 
 
-class UrlRefused(ValueError):
-    """A URL we will not fetch, or a fetch that failed; carries an API error code."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+class UrlRefused(InputRefused):
+    """A URL we will not fetch, or a fetch that failed."""
 
 
 @dataclass(frozen=True)

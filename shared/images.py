@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared.errors import InputRefused
+
 INPUT_SIZE = 32  # the model's input is INPUT_SIZE x INPUT_SIZE x 3, uint8 RGB
 
 # Formats we decode. Passing this list to Image.open keeps every other Pillow
@@ -27,12 +29,11 @@ _KNOWN_UNSUPPORTED = {
 }
 
 
-class ImageRejected(ValueError):
-    """Raised for input that is not an image we accept; carries an API error code."""
+class ImageRejected(InputRefused):
+    """Not an image we accept (415 unless the reason says otherwise)."""
 
     def __init__(self, code: str, message: str, status: int = 415):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        super().__init__(code, message, status)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 STATUSES = ("queued", "fetching", "running", "done", "failed")
 FINAL = ("done", "failed")
@@ -73,8 +75,12 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, retention_seconds: int, **kw) -> "JobStore":
+        # A Redis restart breaks pooled connections: retry a command once on a fresh one.
+        # (Every write here is safe to repeat: transitions are guarded, creation is idempotent.)
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
         return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=10,
-                                        socket_connect_timeout=2, socket_timeout=10, **kw),
+                                        socket_connect_timeout=2, socket_timeout=10, retry=retry,
+                                        retry_on_error=[redis.ConnectionError, redis.TimeoutError], **kw),
                    retention_seconds)
 
     # --- writing ---------------------------------------------------------------------------
@@ -97,6 +103,7 @@ class JobStore:
                                                      total=len(records), version=0, **counts))
             p.expire(f"batch:{batch_id}", self.ttl)
             if records:
+                p.delete(f"batch:{batch_id}:jobs")  # idempotent if the transaction is retried
                 p.rpush(f"batch:{batch_id}:jobs", *[r["job_id"] for r in records])
                 p.expire(f"batch:{batch_id}:jobs", self.ttl)
             p.execute()
@@ -137,6 +144,10 @@ class JobStore:
         be predicted before its fetcher records the fetch, hence "fetching" is allowed."""
         return self.transition(job_ids, "running", ("queued", "fetching", "running"),
                                {"started_at": now_iso()}, count="attempts")
+
+    def count_solo_attempt(self, job_id: str) -> int:
+        """A suspect job is about to run alone: how many times has it now (see worker.jobs)."""
+        return int(self.r.hincrby(f"job:{job_id}", "solo_attempts", 1))
 
     def complete(self, job_ids: list[str], predictions: list[list[dict]], model: dict) -> list[tuple[int, int]]:
         finished = now_iso()

@@ -43,18 +43,15 @@ def read_model_info(model_dir: str | Path) -> tuple[ModelInfo, dict]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{meta_path}: unreadable model metadata ({exc!r})") from None
     expected = meta.get("files", {}).get(MODEL_FILE)
-    if expected and file_sha256(weights) != expected:
+    if expected and file_digest(weights) != expected:
         raise ModelLoadError(f"{weights}: checksum does not match {META_FILE}; the file is "
                              "corrupt or was replaced")
     return info, meta
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def tta_views(images, level: int):
@@ -74,10 +71,16 @@ def tta_views(images, level: int):
 class Predictor:
     """uint8 (N, 32, 32, 3) RGB images -> (N, classes) calibrated probabilities."""
 
-    def __init__(self, model_dir: str | Path, tta_level: int | None = None, precision: str = "float32"):
+    def __init__(self, model_dir: str | Path, tta_level: int | None = None, precision: str = "float32",
+                 threads: int = 0):
         self.info, self.meta = read_model_info(model_dir)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
+        if threads and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+            # Several model processes on one machine: give each its share of the cores.
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
         try:
             net = keras.saving.load_model(Path(model_dir) / MODEL_FILE, compile=False)
         except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
@@ -104,6 +107,9 @@ class Predictor:
             # One fixed signature: any batch size runs the same traced graph (no retracing).
             return tf.function(logits, input_signature=[
                 tf.TensorSpec([None, 32, 32, 3], tf.uint8)], reduce_retracing=True)
+        if keras.backend.backend() == "jax":  # e.g. a GPU worker without TensorFlow
+            import jax
+            return jax.jit(logits)
         return logits
 
     @property

@@ -6,7 +6,6 @@ factory, to the Celery app, to the job store. Nothing reads os.environ elsewhere
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -24,7 +23,7 @@ class Settings:
     storage_dir: Path = REPO_ROOT / "var" / "images"
     model_dir: Path = REPO_ROOT / "models" / "cifar10-airbench"
     app_env: str = "production"          # "development" enables Flask debug mode
-    secret_key: str = ""                 # for CSRF tokens; random per process when unset
+    secret_key: str = ""                 # signs form tokens; unset: one random key kept in Redis
     fetch_allow_hosts: frozenset[str] = frozenset()  # host:port pairs allowed despite being private
     fetch_timeout: float = 10.0          # seconds for one URL, all redirects included
     fetch_max_bytes: int = 10 * 1024 * 1024
@@ -39,6 +38,9 @@ class Settings:
     predict_batch_size: int = 64         # most images per model call
     predict_batch_wait_ms: float = 5.0   # how long a worker gathers concurrent jobs
     predict_precision: str = "float32"   # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
+    predict_threads: int = 0             # compute threads per model process (0: TensorFlow's default)
+    predict_tta_level: int = -1          # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
+    result_cache: bool = True            # the same image (pixels) and model version: predicted once
     task_max_attempts: int = 3           # deliveries of one job before it fails as poison
     task_soft_time_limit: float = 30.0   # seconds for one prediction batch or fetch
     visibility_timeout: int = 60         # seconds before an unacknowledged task is redelivered
@@ -69,10 +71,7 @@ class Settings:
             else:
                 values[f.name] = raw
         values.update(overrides)
-        settings = cls(**values)
-        if not settings.secret_key:
-            object.__setattr__(settings, "secret_key", secrets.token_hex(32))
-        return settings
+        return cls(**values)
 
     @property
     def retention_seconds(self) -> int:

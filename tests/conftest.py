@@ -19,6 +19,7 @@ import requests
 from PIL import Image
 
 from shared.settings import Settings
+from tools.imageserver import ImageServer
 from tools.stack import free_port, start_redis, start_web, start_worker, stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +145,9 @@ class Stack:
             time.sleep(0.2)
         raise TimeoutError(f"not ready: {r.json()}\n" + self.worker_logs())
 
-    def worker_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("worker-*.log")))
+    def worker_logs(self, full: bool = False) -> str:
+        return "\n".join(p.read_text(errors="replace")[0 if full else -3000:]
+                         for p in sorted(self.log_dir.glob("worker-*.log")))
 
     def wait_batch(self, batch_id: str, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -181,6 +183,23 @@ def stack_factory(settings_factory, redis_server, tmp_path):
     yield make
     for s in stacks:
         s.close()
+
+
+@pytest.fixture
+def image_server():
+    """A remote site on loopback (allowed only where a test says so)."""
+    server = ImageServer([image_bytes("JPEG", size=(64, 48), color=(20, 90, 200 - i)) for i in range(10)])
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def url_stack(stack_factory, image_server):
+    """A running stack (web + one worker) allowed to fetch from image_server."""
+    stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{image_server.port}"}))
+    stack.add_worker()
+    stack.wait_ready()
+    return stack, image_server
 
 
 # --- image factories -------------------------------------------------------------------------

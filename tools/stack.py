@@ -64,10 +64,12 @@ def start_redis(port: int, data_dir: Path, appendonly: bool = False) -> subproce
 def start_web(env: dict, port: int, workers: int = 2, threads: int = 16,
               app: str = "web.wsgi:app") -> subprocess.Popen:
     # gthread workers: a long-polling client holds a thread, not a whole process.
+    env = dict(env)
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-web-"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k",
-         "gthread", "--threads", str(threads), "--graceful-timeout", "5", "--timeout", "60",
-         app], cwd=REPO_ROOT, env=env)
+        [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"127.0.0.1:{port}",
+         "-w", str(workers), "-k", "gthread", "--threads", str(threads), "--graceful-timeout", "5",
+         "--timeout", "60", app], cwd=REPO_ROOT, env=env)
     wait_for_port(port, proc=proc)
     return proc
 

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from shared.images import ImageRejected, preprocess
+from shared.predictor import file_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_JPEG_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -77,16 +78,13 @@ def load_dataset(path: str | Path | None = None) -> Dataset:
 
 
 def _checksum(path: Path) -> str:
-    h = hashlib.sha256()
     if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:  # a folder: its file list, sizes and modification times
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return file_digest(path)
+    h = hashlib.sha256()  # a folder: its file list, sizes and modification times
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -197,16 +195,8 @@ def _official_from_files(files: dict[str, bytes], path: Path) -> Dataset:
                    test_x, test_y, classes, "", str(path))
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_md5(path: Path, expected: str = OFFICIAL_MD5) -> None:
-    actual = md5sum(path)
+    actual = file_digest(path, "md5")
     if actual != expected:
         raise DatasetError(f"{path}: md5 {actual} does not match the expected {expected}; "
                            "the file is corrupt or not the official archive. Delete it and retry.")

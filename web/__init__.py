@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
+from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from shared.jobs import JobStore
+from shared.logs import setup_logging
+from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from shared.queue import celery_init_app
 from shared.settings import Settings
 from shared.storage import ImageStore
@@ -41,11 +45,24 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "frame-ancestors 'none'")
 
 
+def shared_secret_key(redis_url: str) -> str:
+    """Without SECRET_KEY, every web process must still sign with the same key (a form
+    rendered by one gunicorn worker is posted to another): keep one random key in Redis."""
+    try:
+        r = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
+        r.set("web:secret-key", secrets.token_hex(32), nx=True)
+        return r.get("web:secret-key").decode()
+    except redis.RedisError:
+        logging.getLogger("web").warning("no SECRET_KEY and Redis unavailable: using a per-process key")
+        return secrets.token_hex(32)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
+    setup_logging("web", settings.log_json)
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY=settings.secret_key,
+        SECRET_KEY=settings.secret_key or shared_secret_key(settings.redis_url),
         MAX_CONTENT_LENGTH=settings.max_request_bytes,  # 413 before the body is read
         MAX_FORM_MEMORY_SIZE=1024 * 1024,               # text fields (a URL list) in memory
         MAX_FORM_PARTS=settings.max_batch_items * 2 + 100,
@@ -58,13 +75,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["celery"] = celery_init_app(settings)
     app.config["RATELIMIT_STORAGE_URI"] = settings.redis_url
     app.config["RATELIMIT_STORAGE_OPTIONS"] = {"socket_connect_timeout": 2, "socket_timeout": 5}
-    from web.extensions import limiter
+    from web.extensions import csrf, limiter
     limiter.init_app(app)
+    csrf.init_app(app)
 
     from web.api import api
     from web.pages import pages
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    csrf.exempt(api)
 
     @app.before_request
     def _expire_stored_images():
@@ -81,6 +100,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         except redis.RedisError:
             app.extensions["next_image_sweep"] = 0  # try again on a later request
 
+    @app.before_request
+    def _start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _count_request(resp):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        HTTP_REQUESTS.labels(route, request.method, str(resp.status_code)).inc()
+        if "started" in g:
+            HTTP_LATENCY.labels(route).observe(time.perf_counter() - g.started)
+        return resp
+
     @app.after_request
     def _security_headers(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -93,6 +124,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(e):
+        return error_response(400, "csrf_failed", "The form expired or did not come from this site; "
+                              "reload the page and submit again.")
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):

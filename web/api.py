@@ -100,6 +100,23 @@ def _float_arg(name: str, default: float, low: float, high: float) -> float:
     return min(value, high)
 
 
+@api.get("/api/v1/openapi.json")
+def openapi():
+    if "openapi" not in current_app.extensions:
+        from web.openapi import build
+        current_app.extensions["openapi"] = build(_ext("settings"))
+    return jsonify(current_app.extensions["openapi"])
+
+
+@api.get("/metrics")
+def metrics():
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    if "metrics_registry" not in current_app.extensions:
+        from shared.metrics import QueueDepth, scrape_registry
+        current_app.extensions["metrics_registry"] = scrape_registry(QueueDepth(_ext("jobs").r))
+    return generate_latest(current_app.extensions["metrics_registry"]), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
 @api.get("/healthz")
 def healthz():
     return jsonify(status="ok")

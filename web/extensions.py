@@ -2,6 +2,7 @@
 from flask import current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFProtect
 
 # Per-client limits on submissions, counted in Redis so every web process shares them.
 # swallow_errors: with Redis down the limiter steps aside and the request gets the real 503.
@@ -10,3 +11,7 @@ limiter = Limiter(get_remote_address, headers_enabled=True, swallow_errors=True)
 
 def submission_limit() -> str:
     return current_app.extensions["settings"].rate_limit
+
+# CSRF tokens on the HTML form. The JSON API stays token-free for scripts (it is exempt): it
+# has no cookies or sessions for a forged cross-site request to ride on.
+csrf = CSRFProtect()

@@ -38,6 +38,12 @@ def batch_page(batch_id: str):
     return render_template("batch.html", batch_id=batch_id)
 
 
+@pages.get("/api/docs")
+def api_docs():
+    from web.openapi import build
+    return render_template("api_docs.html", spec=build(current_app.extensions["settings"]))
+
+
 @pages.get("/images/<sha>.jpg")
 def thumbnail(sha: str):
     path = current_app.extensions["images"].thumbnail_path(sha)

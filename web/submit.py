@@ -6,15 +6,18 @@ from dataclasses import dataclass
 
 from flask import current_app
 from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 from redis import RedisError
 from werkzeug.datastructures import FileStorage
 
 from shared.fetch import UrlRefused, check_url
 from shared.images import ImageRejected, check_image, thumbnail_jpeg, to_model_input
 from shared.jobs import NewJob
+from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from shared.queue import enqueue
 from shared.settings import Settings
 from web import ApiError
+from web.schemas import UrlSubmission, top_k_adapter
 
 log = logging.getLogger("web.submit")
 
@@ -31,26 +34,27 @@ class Url:
 
 
 def parse_submission(request, settings: Settings, single: bool) -> tuple[list, int]:
-    """Read files and URLs from a multipart form, a plain form or a JSON body."""
+    """Read files and URLs from a multipart form, a plain form or a JSON body (web/schemas.py)."""
     if request.is_json:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", 'The body must be a JSON object like {"urls": ["https://..."]}.')
-        urls = body.get("urls", [])
-        if "url" in body:
-            urls = [body["url"]] + (urls if isinstance(urls, list) else [])
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise ApiError(400, "invalid_field", '"urls" must be a list of strings.')
-        files, top_k_raw = [], body.get("top_k", 3)
+        try:
+            sub = UrlSubmission.model_validate(body)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        files, urls, top_k = [], ([sub.url] if sub.url else []) + sub.urls, sub.top_k
     elif request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         files = [f for name in ("images", "image") for f in request.files.getlist(name)]
         text = "\n".join(request.form.getlist("urls") + request.form.getlist("url"))
         urls = [line.strip() for line in text.splitlines() if line.strip()]
-        top_k_raw = request.form.get("top_k", request.args.get("top_k", 3))
+        try:
+            top_k = top_k_adapter.validate_python(request.form.get("top_k", request.args.get("top_k", 3)))
+        except ValidationError as exc:
+            raise _invalid(exc, "top_k") from None
     else:
         raise ApiError(415, "unsupported_media_type", "Send multipart/form-data (fields 'images' "
                        "and/or 'urls') or JSON {\"urls\": [...]}.")
-    top_k = _top_k(top_k_raw)
     count = len(files) + len(urls)
     if count == 0:
         raise ApiError(400, "no_images", "Send at least one image (field 'images') or URL "
@@ -65,16 +69,11 @@ def parse_submission(request, settings: Settings, single: bool) -> tuple[list, i
     return items + [Url(u) for u in urls], top_k
 
 
-def _top_k(raw) -> int:
-    try:
-        k = int(raw)
-        if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ApiError(400, "invalid_top_k", "top_k must be a whole number from 1 to 10.") from None
-    if not 1 <= k <= 10:
-        raise ApiError(400, "invalid_top_k", "top_k must be a whole number from 1 to 10.")
-    return k
+def _invalid(exc: ValidationError, field: str | None = None) -> ApiError:
+    err = exc.errors()[0]
+    field = field or ".".join(str(p) for p in err["loc"]) or "body"
+    code = "invalid_top_k" if field == "top_k" else "invalid_field"
+    return ApiError(400, code, f"{field}: {err['msg']}")
 
 
 def _filename(f: FileStorage) -> str:
@@ -128,6 +127,12 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
             pass  # Redis is gone: the 503 tells the client; the records expire with retention
         raise ApiError(503, "service_unavailable", "The job queue is unavailable right now; "
                        "nothing was queued. Try again shortly.", {"Retry-After": "5"}) from None
+    for r in records:
+        JOBS_SUBMITTED.labels(r["source_type"]).inc()
+        if r["status"] == "failed":
+            JOBS_FINISHED.labels("failed", r["error_code"]).inc()
+    log.info("batch submitted", extra={"batch_id": batch_id, "jobs": len(records),
+                                       "job_ids": [r["job_id"] for r in records][:1000]})
     jobs = [{"job_id": r["job_id"], "source": {"type": r["source_type"], "value": r["source"]},
              "status": r["status"],
              **({"error": {"code": r["error_code"], "message": r["error_message"]}}

@@ -1,16 +1,18 @@
 """Start a worker: `python -m worker [--queues predict,fetch] [--concurrency N]`.
 
 Prediction and fetching want different pools (processes that each hold the model, versus
-many threads waiting on the network), so with both queues this starts two Celery workers
-and stops both together. Start it any number of times, on any machine that reaches REDIS_URL.
+many threads waiting on the network), so this starts one Celery worker per queue, forwards
+signals to them, stops them together, and serves their metrics on one port. Start it any number of times, on any machine that reaches REDIS_URL.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 
 from shared.predictor import ModelLoadError, read_model_info
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="model processes (predict queue)")
     p.add_argument("--fetch-concurrency", type=int, help="fetch threads (default: FETCH_CONCURRENCY)")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("WORKER_METRICS_PORT", "0")),
+                   help="serve Prometheus metrics of all this worker's processes (0: off)")
     args = p.parse_args(argv)
     settings = Settings.from_env()
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -46,16 +50,19 @@ def main(argv=None) -> int:
             return 2
         print(f"worker: model {info.name} {info.version} from {settings.model_dir}", flush=True)
 
-    commands = []
+    # Every process of this worker writes its metrics here; this process serves their sum.
+    metrics_dir = tempfile.mkdtemp(prefix="metrics-worker-")
+    if args.metrics_port:
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        start_http_server(args.metrics_port, registry=registry)
+    children = []
     for queue in queues:
         conc = args.concurrency if queue == PREDICT_QUEUE else (args.fetch_concurrency or settings.fetch_concurrency)
-        env = dict(os.environ, WORKER_LOADS_MODEL="1" if queue == PREDICT_QUEUE else "0")
-        commands.append((celery_command(queue, conc, args.loglevel), env))
-    if len(commands) == 1:
-        cmd, env = commands[0]
-        os.execvpe(cmd[0], cmd, env)  # one queue: become the Celery worker (signals go straight to it)
-
-    children = [subprocess.Popen(cmd, env=env) for cmd, env in commands]
+        env = dict(os.environ, WORKER_ROLE=queue,
+                   PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+        children.append(subprocess.Popen(celery_command(queue, conc, args.loglevel), env=env))
 
     def forward(signum, _frame):
         for child in children:
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
     forward(signal.SIGTERM, None)
     for child in children:
         child.wait()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 

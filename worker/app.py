@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from celery import signals
 from celery_batches import Batches
 
 from shared.jobs import JobStore
+from shared.logs import setup_logging
 from shared.queue import FETCH_TASK, PREDICT_TASK, celery_init_app
 from shared.settings import Settings
 from shared.storage import ImageStore
@@ -23,10 +25,12 @@ from worker.jobs import WorkerState, fetch_job, predict_jobs
 log = logging.getLogger("worker")
 
 
-def create_worker_app(settings: Settings):
+def create_worker_app(settings: Settings, role: str = "predict"):
+    """role "predict" loads the model in each pool process; "fetch" (many threads) never does."""
     app = celery_init_app(settings)
-    # celery-batches keeps a buffer of received messages: the prefetch window must hold a batch.
-    app.conf.worker_prefetch_multiplier = 2 * settings.predict_batch_size
+    if role == "predict":
+        # celery-batches gathers the messages it has received: the prefetch window must hold a batch.
+        app.conf.worker_prefetch_multiplier = 2 * settings.predict_batch_size
     state = WorkerState(settings, JobStore.from_url(settings.redis_url, settings.retention_seconds),
                         ImageStore(settings.storage_dir), app)
     app.state = state
@@ -41,15 +45,19 @@ def create_worker_app(settings: Settings):
     def fetch(job_id: str, url: str, top_k: int = 3):
         fetch_job(state, job_id, url, top_k)
 
+    @signals.setup_logging.connect(weak=False)
+    def configure_logging(**_):  # connected: Celery leaves logging to us
+        setup_logging("worker", settings.log_json)
+
     @signals.worker_process_init.connect(weak=False)
     def load_model(**_):
-        if os.environ.get("WORKER_LOADS_MODEL", "1") == "1":
+        if role == "predict":
             _load_model(state)
 
     @signals.worker_init.connect(weak=False)
     def load_model_in_main(sender=None, **_):
         # Pools without child processes (solo, threads) never fire worker_process_init.
-        if os.environ.get("WORKER_LOADS_MODEL", "1") == "1" and sender is not None and \
+        if role == "predict" and sender is not None and \
                 sender.pool_cls.__module__.split(".")[-1] in ("solo", "thread"):
             _load_model(state)
 
@@ -59,23 +67,31 @@ def create_worker_app(settings: Settings):
 def _load_model(state: WorkerState) -> None:
     from shared.predictor import Predictor  # TensorFlow is imported here, after the fork
     t0 = time.perf_counter()
-    state.predictor = Predictor(state.settings.model_dir, precision=state.settings.predict_precision)
+    s = state.settings
+    state.predictor = Predictor(s.model_dir, precision=s.predict_precision, threads=s.predict_threads,
+                                tta_level=None if s.predict_tta_level < 0 else s.predict_tta_level)
     # Warm up: the first call traces and compiles; do it now, not on a user's request.
     import numpy as np
     state.predictor.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
     log.info("model %s %s ready in %.1fs", state.predictor.info.name, state.predictor.info.version,
              time.perf_counter() - t0)
     delay = float(os.environ.get("WORKER_TEST_DELAY_S", "0"))
-    if delay:  # fault injection, for the tests only: every model call takes this much longer
-        state.predictor = _Slowed(state.predictor, delay)
+    crash = os.environ.get("WORKER_TEST_CRASH_ON_BLACK") == "1"
+    if delay or crash:  # fault injection, for the tests only
+        state.predictor = _FaultInjected(state.predictor, delay, crash)
     threading.Thread(target=_heartbeat, args=(state,), daemon=True, name="heartbeat").start()
 
 
-class _Slowed:
-    def __init__(self, predictor, delay: float):
-        self.info, self._predictor, self._delay = predictor.info, predictor, delay
+class _FaultInjected:
+    """Tests only: every model call is `delay` seconds slower; an all-black image kills the process."""
+
+    def __init__(self, predictor, delay: float, crash_on_black: bool):
+        self.info, self._predictor = predictor.info, predictor
+        self._delay, self._crash = delay, crash_on_black
 
     def predict_proba(self, images):
+        if self._crash and (images.reshape(len(images), -1).max(axis=1) == 0).any():
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(self._delay)
         return self._predictor.predict_proba(images)
 
@@ -95,4 +111,5 @@ def _heartbeat(state: WorkerState) -> None:
         time.sleep(state.settings.worker_heartbeat_seconds)
 
 
-app = create_worker_app(Settings.from_env())
+# WORKER_ROLE is set by `python -m worker` for each Celery worker it starts.
+app = create_worker_app(Settings.from_env(), os.environ.get("WORKER_ROLE", "predict"))

@@ -1,15 +1,13 @@
 """The whole service with real parts: gunicorn over HTTP, Celery worker processes, redis-server."""
-import http.server
 import os
 import signal
-import threading
 import time
 
 import pytest
 import requests
 
 from shared.predictor import read_model_info
-from tests.conftest import CLASSES, image_bytes, noise_png
+from tests.conftest import CLASSES, noise_png
 
 
 def post_images(stack, files, path="/api/v1/batches", **form):
@@ -51,33 +49,9 @@ def test_a_50_image_batch_completes(stack):
     assert all(len(j["predictions"]) == 3 for j in batch["jobs"])
 
 
-class _ImageHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = image_bytes("JPEG", size=(64, 48), color=(20, 90, 200))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def image_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-
-
-def test_a_url_is_fetched_and_classified(stack_factory, image_server):
-    port = image_server.server_address[1]
-    stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{port}"}))
-    stack.add_worker()
-    stack.wait_ready()
-    url = f"http://127.0.0.1:{port}/photo.jpg"
+def test_a_url_is_fetched_and_classified(url_stack):
+    stack, images = url_stack
+    url = images.url(7)
     resp = requests.post(stack.url + "/api/v1/batches", json={"urls": [url]}, timeout=30)
     assert resp.status_code == 202
     batch = stack.wait_batch(resp.json()["batch_id"])
@@ -88,8 +62,7 @@ def test_a_url_is_fetched_and_classified(stack_factory, image_server):
 
 
 def test_a_private_url_is_refused_without_the_allow_setting(stack, image_server):
-    port = image_server.server_address[1]
-    resp = requests.post(stack.url + "/api/v1/jobs", json={"urls": [f"http://127.0.0.1:{port}/a.jpg"]}, timeout=30)
+    resp = requests.post(stack.url + "/api/v1/jobs", json={"urls": [image_server.url(1)]}, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "url_not_allowed"
 
 

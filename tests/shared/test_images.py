@@ -145,3 +145,10 @@ def test_to_model_input_of_a_tall_image():
     img.paste((255, 255, 255), (0, 225, 50, 275))
     out = to_model_input(img)
     assert out[16, 16].min() > 200  # the white band in the middle survives
+
+
+def test_avif_is_decoded():
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF decoder")
+    assert check_image(image_bytes("AVIF")).format == "AVIF"

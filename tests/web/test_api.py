@@ -218,3 +218,27 @@ def test_job_long_poll_answers_when_the_job_finishes(client, app):
     t0 = time.monotonic()
     got = client.get(f"/api/v1/jobs/{job['job_id']}?wait=10").get_json()
     assert got["status"] == "done" and 0.4 < time.monotonic() - t0 < 3
+
+
+def test_the_html_form_needs_its_csrf_token_and_the_api_does_not(client):
+    import re
+    data = {"images": [(io.BytesIO(noise_png(1)), "a.png")]}
+    resp = client.post("/batches", data=data, content_type="multipart/form-data")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "csrf_failed"
+    token = re.search(rb'name="csrf_token" value="([^"]+)"', client.get("/").data).group(1).decode()
+    resp = client.post("/batches", data={"csrf_token": token, "images": [(io.BytesIO(noise_png(1)), "a.png")]},
+                       content_type="multipart/form-data")
+    assert resp.status_code == 303 and resp.headers["Location"].startswith("/batches/")
+    assert upload(client, [("a.png", noise_png(2))]).status_code == 202  # the JSON API: no token
+
+
+def test_without_secret_key_every_web_process_shares_one_from_redis(settings_factory):
+    from web import create_app
+    a, b = create_app(settings_factory()), create_app(settings_factory())
+    assert a.config["SECRET_KEY"] == b.config["SECRET_KEY"] and len(a.config["SECRET_KEY"]) == 64
+
+
+def test_malformed_multipart_is_a_400(client):
+    body = b"--XYZ\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\nabc"  # never closed
+    resp = client.post("/api/v1/batches", data=body, content_type="multipart/form-data; boundary=XYZ")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] in ("bad_request", "no_images")

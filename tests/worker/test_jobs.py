@@ -33,7 +33,7 @@ def test_a_batch_is_predicted_in_one_call_with_descending_top_k(state):
     batch_id, items = submit(state, 5, top_k=4)
     predict_jobs(state, items)
     batch = state.store.get_batch(batch_id)
-    assert batch["counts"]["done"] == 5 and state.batch_sizes == [5]
+    assert batch["counts"]["done"] == 5 and list(state.batch_sizes) == [5]
     classes = state.predictor.info.classes
     for job in batch["jobs"]:
         probs = [p["probability"] for p in job["predictions"]]
@@ -59,16 +59,26 @@ def test_a_duplicate_delivery_writes_nothing_new(state):
     predict_jobs(state, items)
     after = state.store.get_batch(batch_id)
     assert after["counts"] == before["counts"] and after["jobs"] == before["jobs"]
-    assert state.batch_sizes == [2]  # the second delivery never reached the model
+    assert list(state.batch_sizes) == [2]  # the second delivery never reached the model
 
 
-def test_a_job_delivered_too_often_fails_as_poison(state):
+def test_redelivered_jobs_run_alone_after_the_fresh_batch(state):
+    batch_id, items = submit(state, 4)
+    state.store.mark_running([items[0]["job_id"], items[1]["job_id"]])  # their worker died once
+    predict_jobs(state, items)
+    assert list(state.batch_sizes) == [2, 1, 1]
+    assert state.store.get_batch(batch_id)["counts"]["done"] == 4
+
+
+def test_a_job_that_keeps_failing_alone_fails_as_poison(state):
     batch_id, items = submit(state, 1)
-    state.store.mark_running([items[0]["job_id"]])
-    state.store.mark_running([items[0]["job_id"]])  # two deliveries died already
+    job_id = items[0]["job_id"]
+    state.store.mark_running([job_id])
+    state.store.r.hset(f"job:{job_id}", "solo_attempts", 2)  # it took the worker down twice, alone
     predict_jobs(state, items)
     job = state.store.get_batch(batch_id)["jobs"][0]
     assert job["status"] == "failed" and job["error"]["code"] == "poison"
+    assert len(state.batch_sizes) == 0  # the model never saw it again
 
 
 def test_a_malformed_message_fails_its_job_only(state):
@@ -105,4 +115,4 @@ def test_unknown_or_expired_jobs_are_skipped(state):
     _, items = submit(state, 1)
     items[0]["job_id"] = "0" * 32
     predict_jobs(state, items)
-    assert state.batch_sizes == []
+    assert len(state.batch_sizes) == 0

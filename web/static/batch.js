@@ -55,7 +55,7 @@
     if (job.status === "done") {
       job.predictions.forEach((p, rank) => {
         const pct = (100 * p.probability).toFixed(1) + "%";
-        const row = el("div", rank === 0 ? "pred top" : "pred");
+        const row = el("div", rank === 0 ? "pred best" : "pred");
         const label = el("div", "label");
         label.append(el("b", "", p.label), el("span", "", pct));
         const track = el("div", "track");

@@ -38,10 +38,7 @@
   }));
   ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
   zone.addEventListener("drop", (e) => { e.preventDefault(); add(e.dataTransfer.files); });
-  zone.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
-  });
-  zone.tabIndex = 0;
+  // Keyboard: the file input itself takes focus (the zone lights up) and opens on Enter/Space.
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();

@@ -1,0 +1,1 @@
+"""Command-line client for the service: `python -m client submit|get`."""

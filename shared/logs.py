@@ -1,0 +1,53 @@
+"""Structured logs: one JSON object per line, with the job id in every line about a job.
+
+Code logs with the standard library (`log.info("job done", extra={"job_id": ...})`); while a
+job is being handled, `job_context(job_id=...)` adds the id to every line without passing it.
+"""
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import sys
+from contextlib import contextmanager
+
+_context: contextvars.ContextVar[dict] = contextvars.ContextVar("log_context", default={})
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "role": self.role, "logger": record.name,
+               "event": record.getMessage()}
+        out.update(_context.get())
+        if isinstance(record.args, dict) and "id" in record.args:
+            # Celery's own lines ("Task fetch[<id>] received") pass the task id; ours are job ids.
+            out["job_id"] = record.args["id"]
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+@contextmanager
+def job_context(**fields):
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def setup_logging(role: str, json_lines: bool = True, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(role) if json_lines else
+                         logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
