@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.run import test_images
+from benchmarks.run import test_images, wait_ready
 from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop
 
 
@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
 
     add_worker()
     add_worker()
+    wait_ready(url)
     job_ids: list[str] = []
     lock = threading.Lock()
     started = time.monotonic()
@@ -127,6 +128,12 @@ def main(argv=None) -> dict:
             break
         time.sleep(1)
     wall = time.monotonic() - started
+    unfinished = []  # for the report: what a lost job looked like
+    for job_id in [j for j in job_ids if statuses.get(j) not in ("done", "failed")][:5]:
+        try:
+            unfinished.append(s.get(f"{url}/api/v1/jobs/{job_id}", timeout=10).json())
+        except (requests.RequestException, ValueError):
+            unfinished.append({"job_id": job_id, "status": statuses.get(job_id)})
     for w in workers:
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGTERM)
@@ -150,6 +157,7 @@ def main(argv=None) -> dict:
         "duplicated": sum(1 for j in job_ids if written[j] > 1),
         "results_written": sum(written[j] for j in job_ids),
         "faults": faults, "submit_seconds": round(submitted_s, 1), "wall_seconds": round(wall, 1),
+        "unfinished_examples": unfinished, "logs": str(tmp),
     }
     print(json.dumps(report, indent=2))
     if args.out:

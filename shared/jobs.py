@@ -1,13 +1,16 @@
 """Job and batch records in Redis: the service's own source of truth for status.
 
 Every job belongs to a batch (a single-image submission is a batch of one).
-  job:<id>          hash: the job record (see JOB_FIELDS)
+  job:<id>          hash: the job record (see public_job for the fields the API shows; while
+                    the job waits, `pixels` also holds its preprocessed image)
   batch:<id>        hash: created_at, total, n_<status> counts, version
   batch:<id>:jobs   list: job ids in submission order
   batch:<id>:events pub/sub channel: a message per change (for long-polling)
-All keys expire after the retention period. Status changes go through one Lua
-script, so a record and its batch counts always change together, and a finished
-job never changes again (a duplicate delivery cannot write a second result).
+  jobs:pending      sorted set: unfinished job ids, scored by when their task was queued
+All keys expire after the retention period. Status changes go through one Lua script, so a
+record and its batch counts always change together, and a finished job never changes again
+(a duplicate delivery cannot write a second result). The record is enough to queue a job's
+task again (worker/janitor.py does, when a task message was lost).
 """
 from __future__ import annotations
 
@@ -23,9 +26,7 @@ from redis.retry import Retry
 
 STATUSES = ("queued", "fetching", "running", "done", "failed")
 FINAL = ("done", "failed")
-JOB_FIELDS = ("job_id", "batch_id", "status", "source_type", "source", "image", "top_k",
-              "predictions", "model_name", "model_version", "error_code", "error_message",
-              "created_at", "started_at", "finished_at", "attempts")
+PENDING = "jobs:pending"
 
 # KEYS[1] job key. ARGV: new status, comma-separated allowed current statuses, a counter field to
 # increment ("" for none), then field/value pairs. Returns {result, counter}: result 1 changed,
@@ -42,6 +43,10 @@ if cur ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'status', ARGV[1])
   redis.call('HINCRBY', bkey, 'n_' .. cur, -1)
   redis.call('HINCRBY', bkey, 'n_' .. ARGV[1], 1)
+end
+if ARGV[1] == 'done' or ARGV[1] == 'failed' then
+  redis.call('ZREM', 'jobs:pending', string.sub(KEYS[1], 5))
+  redis.call('HDEL', KEYS[1], 'pixels')
 end
 local version = redis.call('HINCRBY', bkey, 'version', 1)
 redis.call('PUBLISH', bkey .. ':events', version)
@@ -65,6 +70,7 @@ class NewJob:
     status: str = "queued"  # "fetching" for URLs; "failed" for input refused on arrival
     error_code: str = ""
     error_message: str = ""
+    pixels: str = ""  # the preprocessed image (shared.queue.encode_pixels), for uploads
 
 
 class JobStore:
@@ -90,8 +96,10 @@ class JobStore:
         records = [dict(job_id=new_id(), batch_id=batch_id, status=j.status, source_type=j.source_type,
                         source=j.source, image=j.image, top_k=str(top_k), created_at=created,
                         attempts="0", **({"error_code": j.error_code, "error_message": j.error_message,
-                                          "finished_at": created} if j.status == "failed" else {}))
+                                          "finished_at": created} if j.status == "failed" else {}),
+                        **({"pixels": j.pixels} if j.pixels else {}))
                    for j in jobs]
+        now = time.time()
         counts = {f"n_{s}": 0 for s in STATUSES}
         for rec in records:
             counts[f"n_{rec['status']}"] += 1
@@ -106,8 +114,11 @@ class JobStore:
                 p.delete(f"batch:{batch_id}:jobs")  # idempotent if the transaction is retried
                 p.rpush(f"batch:{batch_id}:jobs", *[r["job_id"] for r in records])
                 p.expire(f"batch:{batch_id}:jobs", self.ttl)
+            waiting = {r["job_id"]: now for r in records if r["status"] not in FINAL}
+            if waiting:
+                p.zadd(PENDING, waiting)
             p.execute()
-        return batch_id, records
+        return batch_id, [{k: v for k, v in r.items() if k != "pixels"} for r in records]
 
     def delete_batch(self, batch_id: str, job_ids: list[str]) -> None:
         self.r.delete(f"batch:{batch_id}", f"batch:{batch_id}:jobs", *[f"job:{j}" for j in job_ids])
@@ -133,11 +144,37 @@ class JobStore:
         return self.transition([job_id], "fetching", ("fetching",), {"started_at": now_iso()},
                                count="fetch_attempts")[0]
 
-    def mark_fetched(self, job_id: str, image_sha: str) -> tuple[int, int]:
-        result = self.transition([job_id], "queued", ("fetching",), {"image": image_sha})[0]
+    def mark_fetched(self, job_id: str, image_sha: str, pixels: str) -> tuple[int, int]:
+        """The fetch is done and the prediction task queued (its time is the job's new score)."""
+        result = self.transition([job_id], "queued", ("fetching",), {"image": image_sha, "pixels": pixels})[0]
         if result[0] == 0:  # prediction already began: still record which image it was
             self.r.hset(f"job:{job_id}", "image", image_sha)
+        else:
+            self.r.zadd(PENDING, {job_id: time.time()}, xx=True)
         return result
+
+    # --- finding jobs whose task message was lost (worker/janitor.py) ------------------------
+    def pending_before(self, cutoff: float, limit: int = 500) -> list[tuple[str, float]]:
+        return self.r.zrangebyscore(PENDING, "-inf", cutoff, start=0, num=limit, withscores=True)
+
+    def pending_score(self, job_id: str) -> float | None:
+        return self.r.zscore(PENDING, job_id)
+
+    def requeue_fields(self, job_ids: list[str]) -> list[dict]:
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in job_ids:
+                p.hmget(f"job:{job_id}", "status", "pixels", "source", "top_k", "fetch_attempts")
+            rows = p.execute()
+        keys = ("status", "pixels", "source", "top_k", "fetch_attempts")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def touch_pending(self, job_ids: list[str], when: float) -> None:
+        if job_ids:
+            self.r.zadd(PENDING, {j: when for j in job_ids}, xx=True)
+
+    def forget_pending(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.r.zrem(PENDING, *job_ids)
 
     def mark_running(self, job_ids: list[str]) -> list[tuple[int, int]]:
         """Prediction starts; the counter is each job's prediction attempts so far. A URL job can

@@ -36,6 +36,9 @@ def celery_init_app(settings: Settings) -> Celery:
             # Look for abandoned tasks every fifth of that (kombu's default is every 100 s).
             "unacked_restore_interval": max(1, settings.visibility_timeout // 5),
             "unacked_restore_throttle": 1,
+            # A worker killed while it held the restore lock would block every restore for the
+            # lock's lifetime (kombu's default: 5 minutes). A restore takes milliseconds.
+            "unacked_mutex_expire": 10,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # keep reconnecting while Redis is away

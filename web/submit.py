@@ -14,7 +14,7 @@ from shared.fetch import UrlRefused, check_url
 from shared.images import ImageRejected, check_image, thumbnail_jpeg, to_model_input
 from shared.jobs import NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
-from shared.queue import enqueue
+from shared.queue import encode_pixels, enqueue
 from shared.settings import Settings
 from web import ApiError
 from web.schemas import UrlSubmission, top_k_adapter
@@ -101,7 +101,7 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
                 checked = check_image(item.data, settings.max_image_pixels)
                 images.put(checked.sha256, item.data, thumbnail_jpeg(checked.image))
                 pixels[i] = to_model_input(checked.image)
-                new_jobs.append(NewJob("upload", item.filename, checked.sha256))
+                new_jobs.append(NewJob("upload", item.filename, checked.sha256, pixels=encode_pixels(pixels[i])))
             else:
                 check_url(item.url, settings.fetch_allow_hosts, resolve=False)
                 new_jobs.append(NewJob("url", item.url, status="fetching"))

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from queue import Queue
 
 from celery import signals
 from celery_batches import Batches
@@ -20,6 +21,7 @@ from shared.logs import setup_logging
 from shared.queue import FETCH_TASK, PREDICT_TASK, celery_init_app
 from shared.settings import Settings
 from shared.storage import ImageStore
+from worker.janitor import rescue_lost_tasks
 from worker.jobs import WorkerState, fetch_job, predict_jobs
 
 log = logging.getLogger("worker")
@@ -35,7 +37,7 @@ def create_worker_app(settings: Settings, role: str = "predict"):
                         ImageStore(settings.storage_dir), app)
     app.state = state
 
-    @app.task(name=PREDICT_TASK, base=Batches, flush_every=settings.predict_batch_size,
+    @app.task(name=PREDICT_TASK, base=ReconnectingBatches, flush_every=settings.predict_batch_size,
               flush_interval=settings.predict_batch_wait_ms / 1000.0, acks_late=True)
     def predict(requests):
         # Every message that arrived within the wait (up to the batch size): one model call.
@@ -62,6 +64,23 @@ def create_worker_app(settings: Settings, role: str = "predict"):
             _load_model(state)
 
     return app
+
+
+class ReconnectingBatches(Batches):
+    """celery-batches, safe across broker reconnections.
+
+    Celery rebuilds task strategies when its consumer reconnects, with a new timer. Batches
+    keeps its flush timer from the old one (dead), so buffered messages would wait until a
+    full batch arrived: the soak test left jobs stuck that way after a Redis restart. The
+    buffered messages belong to the lost connection and come back from the broker (restored,
+    or redelivered after the visibility timeout), so the buffer starts empty too."""
+
+    def Strategy(self, task, app, consumer):
+        if self._tref is not None:
+            self._tref.cancel()
+        self._tref = None
+        self._buffer, self._pending = Queue(), Queue()
+        return super().Strategy(task, app, consumer)
 
 
 def _load_model(state: WorkerState) -> None:
@@ -97,8 +116,10 @@ class _FaultInjected:
 
 
 def _heartbeat(state: WorkerState) -> None:
-    """Tell the web tier (/readyz) that a worker with the model loaded is alive."""
+    """Tell the web tier (/readyz) that a worker with the model loaded is alive; and, in one
+    worker at a time, look for jobs whose task was lost (worker/janitor.py)."""
     node = f"{socket.gethostname()}:{os.getpid()}"
+    period = state.settings.worker_heartbeat_seconds
     while True:
         try:
             now = time.time()
@@ -106,9 +127,11 @@ def _heartbeat(state: WorkerState) -> None:
                 p.zadd("workers:heartbeat", {node: now})
                 p.zremrangebyscore("workers:heartbeat", "-inf", now - 3600)
                 p.execute()
+            if state.store.r.set("janitor:lock", node, nx=True, px=int(period * 1000)):
+                rescue_lost_tasks(state, now)
         except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
             log.debug("heartbeat failed: %s", exc)
-        time.sleep(state.settings.worker_heartbeat_seconds)
+        time.sleep(period)
 
 
 # WORKER_ROLE is set by `python -m worker` for each Celery worker it starts.

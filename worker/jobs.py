@@ -18,7 +18,7 @@ from shared.images import ImageRejected, check_image, thumbnail_jpeg, to_model_i
 from shared.jobs import JobStore
 from shared.logs import job_context
 from shared.metrics import BATCH_SIZE, FETCH_FAILURES, FETCH_LATENCY, JOBS_FINISHED, MODEL_LATENCY
-from shared.queue import decode_pixels, enqueue
+from shared.queue import decode_pixels, encode_pixels, enqueue
 from shared.settings import Settings
 from shared.storage import ImageStore
 
@@ -185,5 +185,5 @@ def _fetch_job(state: WorkerState, job_id: str, url: str, top_k: int) -> None:
     FETCH_LATENCY.observe(time.perf_counter() - t0)
     # Queue the prediction first, then record the fetch: a crash in between still predicts.
     until_redis_answers(enqueue, state.celery, [(job_id, pixels, top_k)], [])
-    until_redis_answers(store.mark_fetched, job_id, checked.sha256)
+    until_redis_answers(store.mark_fetched, job_id, checked.sha256, encode_pixels(pixels))
     log.info("fetched", extra={"bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})

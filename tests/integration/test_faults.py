@@ -57,7 +57,7 @@ def test_a_killed_pool_child_loses_nothing(stack_factory):
     pool_child(worker).kill()  # as the OOM killer would
     batch = stack.wait_batch(batch_id, timeout=90)
     assert batch["counts"]["done"] == 3, batch["counts"]
-    assert all(j["attempts"] >= 2 for j in batch["jobs"])
+    assert any(j["attempts"] >= 2 for j in batch["jobs"])  # what was running ran again
     assert worker.poll() is None  # the worker itself lives on with a new pool child
 
 

@@ -73,7 +73,7 @@ def test_url_jobs_move_from_fetching_to_queued(store):
     _, [rec] = store.create_batch([NewJob("url", "http://x/a.jpg", status="fetching")], 3)
     job_id = rec["job_id"]
     assert store.mark_fetching(job_id) == (1, 1)
-    assert store.mark_fetched(job_id, "a" * 64)[0] == 1
+    assert store.mark_fetched(job_id, "a" * 64, "cGl4ZWxz")[0] == 1
     job = store.get_job(job_id)
     assert job["status"] == "queued" and job["image"] == "a" * 64
 

@@ -1,0 +1,70 @@
+"""Lost task messages are queued again from the job record; nothing else is."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from shared.jobs import JobStore, NewJob
+from shared.queue import celery_init_app, encode_pixels
+from shared.storage import ImageStore
+from worker.janitor import rescue_lost_tasks
+from worker.jobs import WorkerState
+
+
+@pytest.fixture
+def state(settings_factory):
+    s = settings_factory(visibility_timeout=10)
+    return WorkerState(s, JobStore.from_url(s.redis_url, 3600), ImageStore(s.storage_dir), celery_init_app(s))
+
+
+def queued_ids(state, queue):
+    return [json.loads(m)["headers"]["id"] for m in state.store.r.lrange(queue, 0, -1)]
+
+
+def make_jobs(state, n=2, status="queued"):
+    px = encode_pixels(np.zeros((32, 32, 3), np.uint8))
+    jobs = [NewJob("upload", f"{i}.png", pixels=px) if status == "queued" else
+            NewJob("url", f"https://example.com/{i}.jpg", status="fetching") for i in range(n)]
+    return [r["job_id"] for r in state.store.create_batch(jobs, 3)[1]]
+
+
+def test_a_job_whose_message_vanished_is_queued_again(state):
+    lost = make_jobs(state)  # records written, no task queued: as if Redis lost the messages
+    assert rescue_lost_tasks(state, now=time.time() + 15) == 0  # too young: leave it alone
+    assert rescue_lost_tasks(state, now=time.time() + 21) == 2
+    assert sorted(queued_ids(state, "predict")) == sorted(lost)
+    assert rescue_lost_tasks(state, now=time.time() + 22) == 0  # re-queued just now: not again
+
+
+def test_lost_fetches_are_queued_again_with_their_url(state):
+    lost = make_jobs(state, 1, status="fetching")
+    assert rescue_lost_tasks(state, now=time.time() + 21) == 1
+    msg = json.loads(state.store.r.lindex("fetch", 0))
+    assert msg["headers"]["id"] == lost[0] and msg["headers"]["task"] == "fetch"
+
+
+def test_jobs_still_waiting_behind_the_queue_head_are_left_alone(state):
+    from shared.queue import enqueue
+    older = make_jobs(state, 1)
+    time.sleep(0.05)
+    newer = make_jobs(state, 1)
+    enqueue(state.celery, [(newer[0], np.zeros((32, 32, 3), np.uint8), 3)], [])  # its message waits
+    assert rescue_lost_tasks(state, now=time.time() + 21) == 1  # only the older one, lost
+    assert sorted(queued_ids(state, "predict")) == sorted(older + newer)
+
+
+def test_finished_and_started_jobs_are_not_queued_again(state):
+    done, running = make_jobs(state)
+    state.store.complete([done], [[{"label": "cat", "probability": 1.0}]], {"name": "m", "version": "1"})
+    state.store.mark_running([running])  # its message is unacknowledged: Celery redelivers it
+    assert rescue_lost_tasks(state, now=time.time() + 21) == 0
+    assert state.store.pending_score(done) is None
+    assert state.store.r.hget(f"job:{done}", "pixels") is None  # the image copy goes when done
+
+
+def test_messages_a_worker_holds_are_left_to_celery(state):
+    held = make_jobs(state, 1)[0]
+    message = {"headers": {"id": held, "task": "predict"}, "body": ""}
+    state.store.r.hset("unacked", "some-delivery-tag", json.dumps([message, "", "predict"]))
+    assert rescue_lost_tasks(state, now=time.time() + 21) == 0
