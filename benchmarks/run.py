@@ -222,6 +222,23 @@ def main(argv=None) -> dict:
             after = cpu_snapshot()
             return {k: round(1000 * (after[k] - before[k]) / n, 2) for k in after}
 
+        # A client that submits one image and long-polls its job until done.
+        def single(s, i):
+            job = s.post(url + "/api/v1/jobs", files={"images": (f"{i}.jpg", images[i % len(images)])}, timeout=60).json()
+            while job["status"] not in ("done", "failed"):
+                job = s.get(f"{url}/api/v1/jobs/{job['job_id']}", params={"wait": 10}, timeout=30).json()
+            assert job["status"] == "done", job
+
+        # One image at a time, 50 times: submit, long-poll until done (the plain latency).
+        session = requests.Session()
+        lat = []
+        for i in range(10 if args.quick else 50):
+            t0 = time.perf_counter()
+            single(session, i)
+            lat.append(time.perf_counter() - t0)
+        results["one_image_median_ms"] = round(1000 * statistics.median(lat), 1)
+        print(f"one image at a time: median {results['one_image_median_ms']} ms", flush=True)
+
         # (a) one 1,000-image batch upload, submit to all done.
         before = cpu_snapshot()
         t0 = time.perf_counter()
@@ -237,12 +254,6 @@ def main(argv=None) -> dict:
         print(f"batch of {n_batch}: {secs:.2f} s ({results['batch_img_s']} img/s), submit {submitted:.2f} s", flush=True)
 
         # (b) concurrent clients, one image each, long-polling the job until done.
-        def single(s, i):
-            job = s.post(url + "/api/v1/jobs", files={"images": (f"{i}.jpg", images[i % len(images)])}, timeout=60).json()
-            while job["status"] not in ("done", "failed"):
-                job = s.get(f"{url}/api/v1/jobs/{job['job_id']}", params={"wait": 10}, timeout=30).json()
-            assert job["status"] == "done", job
-
         before = cpu_snapshot()
         secs, lat = run_clients(n_single, args.concurrency, single)
         results["single_img_s"] = round(n_single / secs, 1)

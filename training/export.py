@@ -184,6 +184,9 @@ def write_model_card(out: Path, meta: dict) -> None:
             lines.append(f"| {variant} | {study[variant + '/ours']:.4f} | "
                          f"{study[variant + '/nearest_squash']:.4f} |")
         lines.append("")
+    notes = meta.get("measurements")
+    if notes:
+        lines += ["## Other measurements", ""] + [f"- {n}" for n in notes] + [""]
     lines += [
         "## Known limits", "",
         "- Trained on 32x32 CIFAR-10 images (JPEG-q75 copy): it knows ten classes and nothing "
