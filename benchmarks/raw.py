@@ -36,12 +36,14 @@ def main(argv=None) -> dict:
     p.add_argument("model", nargs="?", default="models/cifar10-airbench")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--precisions", default="float32,bfloat16")
+    p.add_argument("--tta-level", type=int, default=-1, help="-1: as the model ships it")
     args = p.parse_args(argv)
     out = {"img_s": {}, "tracing_count": {}, "tta_level": None}
     check = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     reference = None
     for precision in args.precisions.split(","):
-        predictor = Predictor(args.model, precision=precision)
+        predictor = Predictor(args.model, precision=precision,
+                              tta_level=None if args.tta_level < 0 else args.tta_level)
         out["tta_level"] = predictor.tta_level
         out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1)
                                    for b in BATCH_SIZES}

@@ -152,7 +152,13 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=str(REPO_ROOT / "models" / "cifar10-airbench"))
     p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", help="results file name (default: latest, or quick with --quick)")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--tta-level", type=int, default=-1,
+                   help="the workers' test-time augmentation (-1: as the model ships it; 0 matches "
+                        "the single forward pass of the usual Flask app)")
+    p.add_argument("--precision", default="float32", help="the workers' PREDICT_PRECISION")
+    p.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
     args = p.parse_args(argv)
     n_batch = 50 if args.quick else 1000
     n_single = 40 if args.quick else 400
@@ -164,12 +170,15 @@ def main(argv=None) -> dict:
     # The result cache stays off for the measured paths (the same test images recur); its own
     # effect is measured last, on a repeat of the batch.
     env = dict(os.environ, MODEL_DIR=args.model, STORAGE_DIR=str(tmp / "images"), TF_CPP_MIN_LOG_LEVEL="3",
-               RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1", RESULT_CACHE="0")
+               RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1", RESULT_CACHE="0", LOG_JSON="0",
+               PREDICT_TTA_LEVEL=str(args.tta_level), PREDICT_PRECISION=args.precision,
+               WORKER_POOL=args.worker_pool)
+    results.update(tta_level=args.tta_level, precision=args.precision, worker_pool=args.worker_pool)
     try:
         # 1. The raw model, in its own process.
         raw = subprocess.run([sys.executable, "-m", "benchmarks.raw", args.model, "--seconds",
-                              "1" if args.quick else "3"], cwd=REPO_ROOT, env=env, check=True,
-                             capture_output=True, text=True)
+                              "1" if args.quick else "3", "--tta-level", str(args.tta_level)],
+                             cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
         results["raw"] = json.loads(raw.stdout.strip().splitlines()[-1])
         results["raw_best_img_s"] = results["raw"]["best"]["img_s"]
         print(f"raw model: best {results['raw_best_img_s']:.0f} img/s {results['raw']['best']}", flush=True)
@@ -306,7 +315,7 @@ def main(argv=None) -> dict:
     results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "quick" if args.quick else "latest"
+    name = args.name or ("quick" if args.quick else "latest")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, out / f"{name}.png")
     print_table(results)

@@ -5,6 +5,7 @@ Every job belongs to a batch (a single-image submission is a batch of one).
                     the job waits, `pixels` also holds its preprocessed image)
   batch:<id>        hash: created_at, total, n_<status> counts, version
   batch:<id>:jobs   list: job ids in submission order
+  batch:<id>:changes sorted set: job ids by the batch version of their last change
   batch:<id>:events pub/sub channel: a message per change (for long-polling)
   jobs:pending      sorted set: unfinished job ids, scored by when their task was queued
 All keys expire after the retention period. Status changes go through one Lua script, so a
@@ -49,6 +50,7 @@ if ARGV[1] == 'done' or ARGV[1] == 'failed' then
   redis.call('HDEL', KEYS[1], 'pixels')
 end
 local version = redis.call('HINCRBY', bkey, 'version', 1)
+redis.call('ZADD', bkey .. ':changes', version, string.sub(KEYS[1], 5))
 redis.call('PUBLISH', bkey .. ':events', version)
 return {1, counter}
 """
@@ -114,6 +116,9 @@ class JobStore:
                 p.delete(f"batch:{batch_id}:jobs")  # idempotent if the transaction is retried
                 p.rpush(f"batch:{batch_id}:jobs", *[r["job_id"] for r in records])
                 p.expire(f"batch:{batch_id}:jobs", self.ttl)
+                # Each job's last change, by batch version: lets a poller fetch only what changed.
+                p.zadd(f"batch:{batch_id}:changes", {r["job_id"]: 0 for r in records})
+                p.expire(f"batch:{batch_id}:changes", self.ttl)
             waiting = {r["job_id"]: now for r in records if r["status"] not in FINAL}
             if waiting:
                 p.zadd(PENDING, waiting)
@@ -121,7 +126,9 @@ class JobStore:
         return batch_id, [{k: v for k, v in r.items() if k != "pixels"} for r in records]
 
     def delete_batch(self, batch_id: str, job_ids: list[str]) -> None:
-        self.r.delete(f"batch:{batch_id}", f"batch:{batch_id}:jobs", *[f"job:{j}" for j in job_ids])
+        self.r.delete(f"batch:{batch_id}", f"batch:{batch_id}:jobs", f"batch:{batch_id}:changes",
+                      *[f"job:{j}" for j in job_ids])
+        self.forget_pending(job_ids)
 
     def transition(self, job_ids: list[str], status: str, allowed_from: tuple[str, ...],
                    fields: list[dict] | dict | None = None, count: str = "") -> list[tuple[int, int]]:
@@ -201,10 +208,14 @@ class JobStore:
         rec = self.r.hgetall(f"job:{job_id}")
         return public_job(rec) if rec else None
 
-    def get_batch(self, batch_id: str) -> dict | None:
+    def get_batch(self, batch_id: str, since: int | None = None) -> dict | None:
+        """The batch with every job, or with `since` only the jobs changed after that version."""
         with self.r.pipeline(transaction=True) as p:
             p.hgetall(f"batch:{batch_id}")
-            p.lrange(f"batch:{batch_id}:jobs", 0, -1)
+            if since is None:
+                p.lrange(f"batch:{batch_id}:jobs", 0, -1)
+            else:
+                p.zrangebyscore(f"batch:{batch_id}:changes", f"({since}", "+inf")
             batch, ids = p.execute()
         if not batch:
             return None

@@ -69,12 +69,12 @@ def get_batch(batch_id: str):
     if not _ID.match(batch_id):
         raise ApiError(404, "batch_not_found", f"No batch {batch_id!r}.")
     wait = _float_arg("wait", 0.0, 0.0, settings.long_poll_max_seconds)
+    since = request.args.get("since", type=int)
     if wait > 0:
         version = store.batch_version(batch_id)
-        since = request.args.get("since", type=int)
         if version is not None and not _finished(store, batch_id):
             store.wait_for_change(batch_id, version if since is None else since, wait)
-    batch = store.get_batch(batch_id)
+    batch = store.get_batch(batch_id, since)
     if batch is None:
         raise ApiError(404, "batch_not_found", f"No batch {batch_id!r} (unknown, or expired after "
                        "the retention period).")

@@ -80,7 +80,8 @@ def build(settings: Settings) -> dict:
                 "operationId": "getBatch", "summary": "A batch: counts per status and every job",
                 "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": hex_id}, wait,
                                {"name": "since", "in": "query", "required": False,
-                                "description": "With wait: the version you already have.",
+                                "description": "The version you already have: answer only the jobs "
+                                               "changed since (and, with wait, wait for a change).",
                                 "schema": {"type": "integer"}}],
                 "responses": {"200": {"description": "The batch", "content": _json(s.Batch)},
                               **_errors("400", "404", "503")}}},

@@ -100,7 +100,8 @@ class Batch(BaseModel):
     counts: Counts
     finished: bool = Field(description="Every job is done or failed.")
     version: int = Field(description="Grows with every change; pass it back as ?since= to long-poll.")
-    jobs: list[Job]
+    jobs: list[Job] = Field(description="Every job in submission order; with ?since=V only the jobs "
+                                        "that changed after version V.")
     links: Links
 
 

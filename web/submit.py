@@ -131,8 +131,7 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
         JOBS_SUBMITTED.labels(r["source_type"]).inc()
         if r["status"] == "failed":
             JOBS_FINISHED.labels("failed", r["error_code"]).inc()
-    log.info("batch submitted", extra={"batch_id": batch_id, "jobs": len(records),
-                                       "job_ids": [r["job_id"] for r in records][:1000]})
+    log.info("batch submitted", extra={"batch_id": batch_id, "jobs": len(records)})
     jobs = [{"job_id": r["job_id"], "source": {"type": r["source_type"], "value": r["source"]},
              "status": r["status"],
              **({"error": {"code": r["error_code"], "message": r["error_message"]}}

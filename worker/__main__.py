@@ -20,8 +20,8 @@ from shared.queue import FETCH_QUEUE, PREDICT_QUEUE
 from shared.settings import Settings
 
 
-def celery_command(queue: str, concurrency: int, loglevel: str) -> list[str]:
-    pool = ["-P", "prefork", "-c", str(concurrency)] if queue == PREDICT_QUEUE \
+def celery_command(queue: str, concurrency: int, loglevel: str, pool: str = "prefork") -> list[str]:
+    pool = ["-P", pool, "-c", str(concurrency)] if queue == PREDICT_QUEUE \
         else ["-P", "threads", "-c", str(concurrency)]
     name = f"{queue}-{uuid.uuid4().hex[:6]}@%h"
     return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, *pool,
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queues", default=f"{PREDICT_QUEUE},{FETCH_QUEUE}")
     p.add_argument("--concurrency", type=int, default=1, help="model processes (predict queue)")
+    p.add_argument("--pool", default=os.environ.get("WORKER_POOL", "prefork"), choices=["prefork", "solo"],
+                   help="predict queue: prefork (the model in a child process, restarted if it dies) "
+                        "or solo (the model in the worker process itself)")
     p.add_argument("--fetch-concurrency", type=int, help="fetch threads (default: FETCH_CONCURRENCY)")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("WORKER_METRICS_PORT", "0")),
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         conc = args.concurrency if queue == PREDICT_QUEUE else (args.fetch_concurrency or settings.fetch_concurrency)
         env = dict(os.environ, WORKER_ROLE=queue,
                    PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-        children.append(subprocess.Popen(celery_command(queue, conc, args.loglevel), env=env))
+        children.append(subprocess.Popen(celery_command(queue, conc, args.loglevel, args.pool), env=env))
 
     def forward(signum, _frame):
         for child in children:

@@ -94,3 +94,14 @@ def test_wait_for_change_returns_on_a_change_and_times_out_otherwise(store):
     t0 = time.monotonic()
     store.wait_for_change(batch_id, store.batch_version(batch_id), 10)
     assert time.monotonic() - t0 < 3
+
+
+def test_since_a_version_only_changed_jobs_are_read(store):
+    batch_id, records = store.create_batch([NewJob("upload", f"{i}.png") for i in range(5)], 3)
+    v0 = store.get_batch(batch_id)["version"]
+    store.mark_running([records[1]["job_id"], records[3]["job_id"]])
+    changed = store.get_batch(batch_id, since=v0)
+    assert [j["job_id"] for j in changed["jobs"]] == [records[1]["job_id"], records[3]["job_id"]]
+    assert changed["counts"]["running"] == 2 and changed["total"] == 5
+    assert store.get_batch(batch_id, since=changed["version"])["jobs"] == []
+    assert len(store.get_batch(batch_id)["jobs"]) == 5

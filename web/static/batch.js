@@ -73,8 +73,11 @@
     }
   }
 
+  const jobs = new Map();  // every job seen so far (with ?since the API sends only changed ones)
+
   function renderBatch(b) {
     latest = b;
+    b.jobs.forEach((j) => jobs.set(j.job_id, j));
     const c = b.counts;
     const pct = (n) => (b.total ? (100 * n) / b.total : 0) + "%";
     document.getElementById("bar-done").style.width = pct(c.done);
@@ -85,7 +88,7 @@
     statusLine.textContent = `${c.done} done, ${c.failed} failed, ${b.total - c.done - c.failed} ` +
       `waiting — ${b.total} in all` + (b.finished ? ". Finished." : "");
     b.jobs.forEach(renderJob);
-    if (b.finished) offerDownloads(b);
+    if (b.finished) offerDownloads(Object.assign({}, b, { jobs: Array.from(jobs.values()) }));
   }
 
   function offerDownloads(b) {
