@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.images import preprocess
+from shared.images import check_image, preprocess, to_model_input
 from shared.predictor import META_FILE, Predictor, softmax
 from training.data import REPO_ROOT, load_dataset
 
@@ -60,23 +60,34 @@ def squash_nearest(data: bytes) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def crop_bicubic(data: bytes) -> np.ndarray:
+    """Our path with a bicubic filter in place of area averaging (the filter we used first)."""
+    return to_model_input(check_image(data).image, Image.Resampling.BICUBIC)
+
+
+STUDY_VARIANTS = (("upscaled_48", 48, False), ("upscaled_97", 97, False),
+                  ("upscaled_277", 277, False), ("wide_4x3", 277, True))
+STUDY_PATHS = (("ours", preprocess), ("bicubic", crop_bicubic), ("nearest_squash", squash_nearest))
+
+
 def preprocessing_study(predictor: Predictor, x: np.ndarray, y: np.ndarray) -> dict:
-    """Accuracy of our path vs. nearest-neighbour squashing on photo-like versions of test images:
-    upscaled to 256x256, and upscaled then widened to 4:3 with mirrored margins (a landscape
-    photo). Both saved as JPEG quality 90, as a camera would."""
-    def encode(a, wide):
-        img = Image.fromarray(a).resize((256, 256), Image.Resampling.BICUBIC)
+    """Accuracy of input paths on photo-like versions of the test images: upscaled (bicubic)
+    to `size` px square, or also widened to 4:3 with mirrored margins (a landscape photo);
+    saved as JPEG quality 90, as a camera would. Sizes that are not whole multiples of 32, so
+    that nearest neighbour cannot land exactly on the original pixels."""
+    def encode(a, size, wide):
+        img = Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)
         if wide:
-            w = np.asarray(img)
-            img = Image.fromarray(np.pad(w, ((0, 0), (43, 42), (0, 0)), mode="symmetric"))
+            margin = size // 6
+            img = Image.fromarray(np.pad(np.asarray(img), ((0, 0), (margin, margin), (0, 0)), mode="symmetric"))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         return buf.getvalue()
 
     results = {}
-    for variant, wide in (("upscaled_256", False), ("wide_4x3", True)):
-        files = [encode(a, wide) for a in x]
-        for path, fn in (("ours", preprocess), ("nearest_squash", squash_nearest)):
+    for variant, size, wide in STUDY_VARIANTS:
+        files = [encode(a, size, wide) for a in x]
+        for path, fn in STUDY_PATHS:
             inputs = np.stack([fn(f) for f in files])
             results[f"{variant}/{path}"] = float(np.mean(predictor.predict_proba(inputs).argmax(1) == y))
     return results
