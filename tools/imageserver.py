@@ -13,6 +13,8 @@ class ImageServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, images: list[bytes], delay: float = 0.0):
         self.images, self.delay = images, delay
+        self.served, self.last_served_at = 0, None  # answered requests, and when (perf_counter)
+        self._count_lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -34,6 +36,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        with self.server._count_lock:
+            self.server.served += 1
+            self.server.last_served_at = time.perf_counter()
 
     def log_message(self, *args):
         pass

@@ -1,7 +1,8 @@
 """Start a worker: `python -m worker [--queues predict,fetch] [--concurrency N]`.
 
 Prediction and fetching want different pools (processes that each hold the model, versus
-many threads waiting on the network), so this starts one Celery worker per queue, forwards
+many threads waiting on the network), so this starts Celery workers per queue (fetching:
+FETCH_PROCESSES of them, each with its share of FETCH_CONCURRENCY threads), forwards
 signals to them, stops them together, and serves their metrics on one port. Start it any number of times, on any machine that reaches REDIS_URL.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool", default=os.environ.get("WORKER_POOL", "prefork"), choices=["prefork", "solo"],
                    help="predict queue: prefork (the model in a child process, restarted if it dies) "
                         "or solo (the model in the worker process itself)")
-    p.add_argument("--fetch-concurrency", type=int, help="fetch threads (default: FETCH_CONCURRENCY)")
+    p.add_argument("--fetch-concurrency", type=int, help="fetch threads in all (default: FETCH_CONCURRENCY)")
+    p.add_argument("--fetch-processes", type=int, help="fetch worker processes (default: FETCH_PROCESSES)")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("WORKER_METRICS_PORT", "0")),
                    help="serve Prometheus metrics of all this worker's processes (0: off)")
@@ -62,10 +64,15 @@ def main(argv=None) -> int:
         start_http_server(args.metrics_port, registry=registry)
     children = []
     for queue in queues:
-        conc = args.concurrency if queue == PREDICT_QUEUE else (args.fetch_concurrency or settings.fetch_concurrency)
+        if queue == PREDICT_QUEUE:
+            conc, processes = args.concurrency, 1
+        else:  # threads wait on the network; the Python work between waits needs more than one GIL
+            processes = max(1, args.fetch_processes or settings.fetch_processes)
+            conc = max(1, (args.fetch_concurrency or settings.fetch_concurrency) // processes)
         env = dict(os.environ, WORKER_ROLE=queue,
                    PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-        children.append(subprocess.Popen(celery_command(queue, conc, args.loglevel, args.pool), env=env))
+        for _ in range(processes):
+            children.append(subprocess.Popen(celery_command(queue, conc, args.loglevel, args.pool), env=env))
 
     def forward(signum, _frame):
         for child in children:
