@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     rport, wport = free_port(), free_port()
     env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}/0", MODEL_DIR=args.model,
                STORAGE_DIR=str(tmp / "images"), VISIBILITY_TIMEOUT="10", RATE_LIMIT="10000000/minute",
-               TF_CPP_MIN_LOG_LEVEL="3", LOG_JSON="1", PYTHONUNBUFFERED="1")
+               TF_CPP_MIN_LOG_LEVEL="3", LOG_JSON="1", PYTHONUNBUFFERED="1",
+               RESULT_CACHE="0")  # the soak reuses 500 images: every job must reach the model
     redis = start_redis(rport, tmp / "redis", appendonly=True)
     web = start_web(env, wport)
     url = f"http://127.0.0.1:{wport}"
