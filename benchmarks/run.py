@@ -30,6 +30,7 @@ import redis as redis_lib
 import requests
 from PIL import Image
 
+from shared.predictor import resolve_precision
 from tools.imageserver import ImageServer
 from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop
 
@@ -157,8 +158,10 @@ def main(argv=None) -> dict:
     p.add_argument("--tta-level", type=int, default=-1,
                    help="the workers' test-time augmentation (-1: as the model ships it; 0 matches "
                         "the single forward pass of the usual Flask app)")
-    p.add_argument("--precision", default="float32", help="the workers' PREDICT_PRECISION")
+    p.add_argument("--precision", default="auto", help="the workers' PREDICT_PRECISION")
     p.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
+    p.add_argument("--worker-concurrency", type=int, default=0,
+                   help="model processes in the worker, each with its share of the cores (0: the worker's default)")
     args = p.parse_args(argv)
     n_batch = 50 if args.quick else 1000
     n_single = 40 if args.quick else 400
@@ -173,7 +176,8 @@ def main(argv=None) -> dict:
                RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1", RESULT_CACHE="0", LOG_JSON="0",
                PREDICT_TTA_LEVEL=str(args.tta_level), PREDICT_PRECISION=args.precision,
                WORKER_POOL=args.worker_pool)
-    results.update(tta_level=args.tta_level, precision=args.precision, worker_pool=args.worker_pool)
+    results.update(tta_level=args.tta_level, precision=resolve_precision(args.precision), worker_pool=args.worker_pool,
+                   worker_concurrency=args.worker_concurrency)
     try:
         # 1. The raw model, in its own process.
         raw = subprocess.run([sys.executable, "-m", "benchmarks.raw", args.model, "--seconds",
@@ -217,7 +221,8 @@ def main(argv=None) -> dict:
         procs.append(web)
         url = f"http://127.0.0.1:{wport}"
         t0 = time.perf_counter()
-        worker = start_worker(env, stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT)
+        worker = start_worker(env, concurrency=args.worker_concurrency or None, stdout=open(tmp / "worker.log", "wb"),
+                              stderr=subprocess.STDOUT)
         procs.append(worker)
         wait_ready(url)
         results["worker_ready_s"] = round(time.perf_counter() - t0, 2)

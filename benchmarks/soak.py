@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
 
     def add_worker():
         log = open(tmp / f"worker-{len(workers)}.log", "wb")
-        workers.append(start_worker(env, "predict", stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        workers.append(start_worker(env, "predict", concurrency=1, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True))
 
     add_worker()
     add_worker()

@@ -38,8 +38,9 @@ class Settings:
     long_poll_max_seconds: float = 25.0
     predict_batch_size: int = 64         # most images per model call
     predict_batch_wait_ms: float = 5.0   # how long a worker gathers concurrent jobs
-    predict_precision: str = "float32"   # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
-    predict_threads: int = 0             # compute threads per model process (0: TensorFlow's default)
+    predict_precision: str = "auto"      # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
+    predict_processes: int = 0           # model processes per worker (0: one per core, at most 4)
+    predict_threads: int = 0             # compute threads per model process (0: the cores shared out)
     predict_tta_level: int = -1          # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
     result_cache: bool = True            # the same image (pixels) and model version: predicted once
     task_max_attempts: int = 3           # deliveries of one job before it fails as poison

@@ -131,7 +131,8 @@ class Stack:
 
     def add_worker(self, queues: str = "predict,fetch", **env) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")
-        proc = start_worker(dict(self.env, **{k: str(v) for k, v in env.items()}), queues,
+        # One model process per worker: the fault tests aim at "the" process holding the model.
+        proc = start_worker(dict(self.env, **{k: str(v) for k, v in env.items()}), queues, concurrency=1,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(proc)
         return proc

@@ -74,10 +74,12 @@ def start_web(env: dict, port: int, workers: int = 2, threads: int = 16,
     return proc
 
 
-def start_worker(env: dict, queues: str = "predict,fetch", concurrency: int = 1,
+def start_worker(env: dict, queues: str = "predict,fetch", concurrency: int | None = None,
                  extra: list[str] | None = None, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker", "--queues", queues, "--concurrency",
-                             str(concurrency), *(extra or [])], cwd=REPO_ROOT, env=env, **popen)
+    """`python -m worker`; concurrency None: its default (one model process per core)."""
+    args = ["--concurrency", str(concurrency)] if concurrency else []
+    return subprocess.Popen([sys.executable, "-m", "worker", "--queues", queues, *args, *(extra or [])],
+                            cwd=REPO_ROOT, env=env, **popen)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0, sig=signal.SIGTERM) -> None:
