@@ -145,3 +145,19 @@ print(sum(p.info.classes[i] == n for i, n in zip(pred, names)), len(names))
                          text=True, check=True, timeout=300)
     right, total = map(int, run.stdout.split()[-2:])
     assert total == 30 and right >= 25  # a 90 % model gets about 27 of 30
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
+    """`python -m training.evaluate` on all 10,000 test images gives the accuracy in model.json."""
+    from training.data import SHARED_JPEG_ARCHIVE
+    if not SHARED_JPEG_ARCHIVE.exists():
+        pytest.skip("../shared/data is not beside the repo")
+    run = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(SHIPPED_MODEL)],
+                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=1200)
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"accuracy=0\.\d{4}", last), last
+    shipped = json.loads((SHIPPED_MODEL / "model.json").read_text())["test"]
+    assert float(last.split("=")[1]) == pytest.approx(shipped["accuracy"], abs=1e-4)
+    assert "test: 10000 images" in run.stdout
