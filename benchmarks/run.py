@@ -32,7 +32,7 @@ from PIL import Image
 
 from shared.predictor import resolve_precision
 from tools.imageserver import ImageServer
-from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop
+from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop, wait_ready
 
 SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -122,19 +122,6 @@ def run_clients(n_requests: int, concurrency: int, one) -> tuple[float, list[flo
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     return time.perf_counter() - t0, latencies
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(url + "/readyz", timeout=5)
-            if r.status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError("the service never became ready")
 
 
 def wait_batch(url: str, batch_id: str, timeout: float = 600) -> dict:

