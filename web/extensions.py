@@ -5,8 +5,11 @@ from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFProtect
 
 # Per-client limits on submissions, counted in Redis so every web process shares them.
-# swallow_errors: with Redis down the limiter steps aside and the request gets the real 503.
-limiter = Limiter(get_remote_address, headers_enabled=True, swallow_errors=True)
+# With Redis down, the limiter logs one warning and counts in this process's memory until Redis
+# answers again (it re-checks with backoff); the request itself gets the job store's real 503.
+# (swallow_errors alone logged a full traceback for every request during an outage.)
+limiter = Limiter(get_remote_address, headers_enabled=True, swallow_errors=True,
+                  in_memory_fallback_enabled=True)
 
 
 def submission_limit() -> str:

@@ -1,6 +1,7 @@
 """The HTTP API's contract, through Flask's test client against a real Redis (no worker)."""
 import io
 import json
+import logging
 import subprocess
 import sys
 
@@ -146,13 +147,23 @@ def test_health_and_readiness(client, app):
     assert client.get("/readyz").status_code == 200
 
 
-def test_redis_down_gives_503_json_and_nothing_stored(settings_factory, tmp_path):
+def test_redis_down_gives_503_json_and_nothing_stored(settings_factory, tmp_path, caplog):
     from tools.stack import free_port
     from web import create_app
     client = create_app(settings_factory(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
-    resp = upload(client, [("a.png", noise_png(1))])
-    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "service_unavailable"
+    limiter_log = logging.getLogger("flask-limiter")
+    limiter_log.addHandler(caplog.handler)  # create_app replaced the root logger's handlers
+    try:
+        for _ in range(3):
+            resp = upload(client, [("a.png", noise_png(1))])
+            assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "service_unavailable"
+    finally:
+        limiter_log.removeHandler(caplog.handler)
     assert client.get("/readyz").status_code == 503
+    # The outage is logged once per process, not as a traceback per request.
+    limiter_logs = [r for r in caplog.records if r.name == "flask-limiter"]
+    assert not [r for r in limiter_logs if r.exc_info], [r.getMessage() for r in limiter_logs]
+    assert len(limiter_logs) <= 1
 
 
 def test_pages_render(client):
