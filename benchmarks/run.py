@@ -30,7 +30,7 @@ import redis as redis_lib
 import requests
 from PIL import Image
 
-from shared.predictor import resolve_precision
+from shared.predictor import cpu_name, resolve_precision
 from tools.imageserver import ImageServer
 from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop, wait_ready
 
@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
     finally:
         for proc in reversed(procs):
             stop(proc)
-    results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()}
+    results["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
     results["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                                            capture_output=True, text=True).stdout.strip()
     results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -316,13 +316,6 @@ def main(argv=None) -> dict:
     chart(results, out / f"{name}.png")
     print_table(results)
     return results
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def print_table(r: dict) -> None:

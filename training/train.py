@@ -233,13 +233,8 @@ def git_commit() -> str:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(),
+    from shared.predictor import cpu_name
+    return dict(cpu=cpu_name(), cores=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), tensorflow=tf.__version__, keras=keras.__version__)
 
 
