@@ -1,6 +1,6 @@
 """Train the shipped CIFAR-10 model: airbench's recipe, ported to Keras 3 on TensorFlow.
 
-    python -m training.train [--data PATH] [--out models/NAME] [--epochs N] [--seed S] [--fast]
+    python -m training.train [--data PATH] [--out models/NAME] [--epochs N] [--seed S] [--fast | --muon]
 
 Read top to bottom: the recipe (every hyperparameter) is the dict below and is saved
 with the model. The loop is a plain GradientTape loop so that the parts of airbench
@@ -28,6 +28,7 @@ from training.data import REPO_ROOT, load_dataset  # noqa: E402
 from training.model import CIFAR_MEAN, build_net, init_whitening  # noqa: E402
 
 RECIPE = dict(
+    optimizer="sgd",          # Nesterov SGD throughout (see MUON below for the alternative)
     epochs=16,                # passes over the training set; may be fractional
     batch_size=1024,
     lr=11.5,                  # per 1024 examples, decoupled from momentum (airbench's parametrisation)
@@ -52,6 +53,12 @@ RECIPE = dict(
 )
 # --fast: airbench94 itself (two convs per block), 10 epochs: under half the time.
 FAST = dict(RECIPE, depth=2, epochs=10)
+# --muon: airbench94_muon's optimiser (tuned at batch 2000, summed loss): Muon on the 3x3
+# filters, SGD for biases and head, linear decay to 0, no lookahead. The whitening bias stays
+# frozen: trained at bias_lr it grew past 100 here and the eval-mode net collapsed (NOTES.md 5).
+MUON = dict(RECIPE, optimizer="muon", batch_size=2000, muon_lr=0.24, muon_momentum=0.6,
+            momentum=0.85, bias_lr=0.053, head_lr=0.67, weight_decay=2e-6 * 2000, warmup=0,
+            end_lr=0, lookahead=False, scaling_factor=1 / 256, whiten_bias_epochs=0)
 
 
 def main(argv=None) -> None:
@@ -62,11 +69,12 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="the 30-minute preset")
+    p.add_argument("--muon", action="store_true", help="the Muon optimiser preset (MUON above)")
     p.add_argument("--limit", type=int, help="train on the first N images only (smoke tests)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override recipe values, e.g. --set cutout=12 widths=[64,256,256]")
     args = p.parse_args(argv)
-    recipe = dict(FAST if args.fast else RECIPE)
+    recipe = dict(MUON if args.muon else FAST if args.fast else RECIPE)
     for item in args.set:
         key, value = item.split("=", 1)
         recipe[key] = json.loads(value)
@@ -96,46 +104,18 @@ def train(recipe: dict, data=None, out: Path = Path("models/cifar10-airbench"), 
                       recipe.get("depth", 2))
     init_whitening(model, x[:5000])
 
-    # --- optimiser: airbench's decoupled hyperparameters -> plain SGD numbers ---
     bs = min(recipe["batch_size"], len(x))
     steps_per_epoch = len(x) // bs  # drop the ragged last batch
     total_steps = math.ceil(steps_per_epoch * recipe["epochs"])
-    kilostep_scale = 1024 * (1 + 1 / (1 - recipe["momentum"]))  # Nesterov's step amplification
-    lr = recipe["lr"] / kilostep_scale
-    wd = recipe["weight_decay"] * bs / kilostep_scale
-    optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=recipe["momentum"], nesterov=True)
-
-    whiten_bias = model.get_layer("whiten").bias
-    trainable = [v for v in model.trainable_variables if v is not model.get_layer("whiten").kernel]
-    is_bn_bias = [("norm" in v.path) for v in trainable]
-    # Weight decay as an L2 term on the summed loss (Keras' SGD weight_decay would be decoupled):
-    # coefficient wd/lr, and wd/(lr*bias_scaler) for BN biases, whose gradients are then scaled up.
-    decay = [wd / lr / (recipe["bias_scaler"] if bn else 1) for bn in is_bn_bias]
-    scale = [recipe["bias_scaler"] if bn else 1.0 for bn in is_bn_bias]
-    optimizer.build(trainable)
+    whiten_steps = steps_per_epoch * recipe["whiten_bias_epochs"]
+    make_step = muon_train_step if recipe["optimizer"] == "muon" else sgd_train_step
+    train_step = make_step(model, recipe, num_classes, bs)
 
     def lr_at(step: int) -> float:  # warm up, then decay linearly
         w = int(recipe["warmup"] * total_steps)
         if step < w:
             return 0.2 + 0.8 * step / w
         return 1 + (recipe["end_lr"] - 1) * (step - w) / max(1, total_steps - w)
-
-    smoothing = recipe["label_smoothing"]
-
-    @tf.function(reduce_retracing=True)
-    def train_step(images, labels, train_whiten_bias):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            targets = tf.one_hot(labels, num_classes) * (1 - smoothing) + smoothing / num_classes
-            loss = tf.reduce_sum(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
-        grads = tape.gradient(loss, trainable)
-        grads = [(g + c * v) * s for g, v, c, s in zip(grads, trainable, decay, scale)]
-        # A zero gradient and no momentum leak: the frozen bias simply sits out the update.
-        pairs = [(g, v) for g, v in zip(grads, trainable)
-                 if train_whiten_bias or v is not whiten_bias]
-        optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
-        correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
-        return loss, correct
 
     # Lookahead: an EMA of all float weights (BN statistics included), copied back into the net.
     state = [v for v in model.weights if v.dtype == "float32"]
@@ -168,9 +148,8 @@ def train(recipe: dict, data=None, out: Path = Path("models/cifar10-airbench"), 
             if step >= total_steps:
                 break
             idx = order[i * bs:(i + 1) * bs]
-            optimizer.learning_rate.assign(lr * lr_at(step))
             loss, c = train_step(tf.constant(images[idx]), tf.constant(y[idx]),
-                                 epoch < recipe["whiten_bias_epochs"])
+                                 lr_at(step), max(0.0, 1 - step / max(whiten_steps, 1)))
             loss_sum, correct, seen, step = loss_sum + float(loss), correct + int(c), seen + len(idx), step + 1
             if ema and epoch >= recipe["lookahead_start_epoch"] and step % 5 == 0:
                 # The decay warms up over training: move fast early, average hard at the end.
@@ -195,6 +174,97 @@ def train(recipe: dict, data=None, out: Path = Path("models/cifar10-airbench"), 
           f"total wall time {meta['wall_seconds'] / 60:.1f} min; temperature "
           f"{meta['temperature']:.3f}; saved {out}", flush=True)
     return meta
+
+
+def smoothed_loss(model, images, labels, num_classes, smoothing):
+    logits = model(images, training=True)
+    targets = tf.one_hot(labels, num_classes) * (1 - smoothing) + smoothing / num_classes
+    loss = tf.reduce_sum(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+    correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int32))
+    return loss, correct
+
+
+def sgd_train_step(model, recipe, num_classes, bs):
+    """airbench94's optimiser: Nesterov SGD, its decoupled hyperparameters made plain SGD numbers."""
+    kilostep_scale = 1024 * (1 + 1 / (1 - recipe["momentum"]))  # Nesterov's step amplification
+    lr = recipe["lr"] / kilostep_scale
+    wd = recipe["weight_decay"] * bs / kilostep_scale
+    optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=recipe["momentum"], nesterov=True)
+    whiten_bias = model.get_layer("whiten").bias
+    trainable = [v for v in model.trainable_variables if v is not model.get_layer("whiten").kernel]
+    is_bn_bias = [("norm" in v.path) for v in trainable]
+    # Weight decay as an L2 term on the summed loss (Keras' SGD weight_decay would be decoupled):
+    # coefficient wd/lr, and wd/(lr*bias_scaler) for BN biases, whose gradients are then scaled up.
+    decay = [wd / lr / (recipe["bias_scaler"] if bn else 1) for bn in is_bn_bias]
+    scale = [recipe["bias_scaler"] if bn else 1.0 for bn in is_bn_bias]
+    optimizer.build(trainable)
+    rest = [i for i, v in enumerate(trainable) if v is not whiten_bias]
+
+    @tf.function(reduce_retracing=True)
+    def step(images, labels, train_whiten_bias: bool):
+        with tf.GradientTape() as tape:
+            loss, correct = smoothed_loss(model, images, labels, num_classes, recipe["label_smoothing"])
+        grads = tape.gradient(loss, trainable)
+        grads = [(g + c * v) * s for g, v, c, s in zip(grads, trainable, decay, scale)]
+        if train_whiten_bias:
+            optimizer.apply(grads, trainable)
+        else:  # the frozen bias sits out the update: no gradient, no momentum leak
+            optimizer.apply([grads[i] for i in rest], [trainable[i] for i in rest])
+        return loss, correct
+
+    def train_step(images, labels, lr_factor: float, whiten_factor: float):
+        optimizer.learning_rate.assign(lr * lr_factor)
+        return step(images, labels, whiten_factor > 0)  # two traces, one per whitening phase
+    return train_step
+
+
+def newton_schulz(g, steps: int = 3):
+    """Approximately orthogonalise g (rows <= cols): Muon's quintic iteration, tuned for few steps."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (tf.norm(g) + 1e-7)  # top singular value <= 1
+    for _ in range(steps):
+        xxt = tf.matmul(x, x, transpose_b=True)
+        x = a * x + tf.matmul(b * xxt + c * tf.matmul(xxt, xxt), x)
+    return x
+
+
+def muon_train_step(model, recipe, num_classes, bs):
+    """airbench94_muon's optimiser: Muon for the 3x3 filters, Nesterov SGD for biases and head."""
+    filters = [layer.kernel for layer in model.layers
+               if isinstance(layer, keras.layers.Conv2D) and layer.name != "whiten"]
+    whiten_bias = model.get_layer("whiten").bias
+    biases = [v for v in model.trainable_variables if "norm" in v.path]
+    head = model.get_layer("head").kernel
+    head.assign(head / tf.math.reduce_std(head))  # unit-variance head; the logits layer scales it
+    trainable = filters + biases + [whiten_bias, head]
+    sgd_lr = [recipe["bias_lr"]] * (len(biases) + 1) + [recipe["head_lr"]]
+    momentum = [tf.Variable(tf.zeros_like(v), trainable=False) for v in trainable]
+    m_mu, m_sgd, wd = recipe["muon_momentum"], recipe["momentum"], recipe["weight_decay"]
+    n = len(filters)
+
+    @tf.function(reduce_retracing=True)
+    def step(images, labels, lr_factor, whiten_factor):
+        with tf.GradientTape() as tape:
+            loss, correct = smoothed_loss(model, images, labels, num_classes, recipe["label_smoothing"])
+        grads = tape.gradient(loss, trainable)
+        for v, g, buf in zip(filters, grads[:n], momentum[:n]):
+            buf.assign(m_mu * buf + g)
+            g = g + m_mu * buf  # Nesterov
+            cout = v.shape[-1]
+            # The filters feed BatchNorm, so their scale is free: pin it, and the step size is exact.
+            v.assign(v * (cout ** 0.5) / tf.norm(v))
+            update = tf.transpose(newton_schulz(tf.transpose(tf.reshape(g, (-1, cout)))))
+            v.assign_sub(recipe["muon_lr"] * lr_factor * tf.reshape(update, v.shape))
+        for v, g, buf, lr in zip(trainable[n:], grads[n:], momentum[n:], sgd_lr):
+            factor = whiten_factor if v is whiten_bias else lr_factor
+            g = g + (wd / lr) * v  # coupled L2, as torch's SGD weight_decay
+            buf.assign(m_sgd * buf + g)
+            v.assign_sub(lr * factor * (g + m_sgd * buf))
+        return loss, correct
+
+    def train_step(images, labels, lr_factor: float, whiten_factor: float):
+        return step(images, labels, tf.constant(lr_factor, tf.float32), tf.constant(whiten_factor, tf.float32))
+    return train_step
 
 
 def augment(padded: np.ndarray, epoch: int, rng: np.random.Generator, t: int, cutout: int) -> np.ndarray:

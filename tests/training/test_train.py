@@ -161,3 +161,18 @@ def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
     shipped = json.loads((SHIPPED_MODEL / "model.json").read_text())["test"]
     assert float(last.split("=")[1]) == pytest.approx(shipped["accuracy"], abs=1e-4)
     assert "test: 10000 images" in run.stdout
+
+
+def test_the_muon_preset_trains_and_learns_too(tmp_path):
+    archive = make_learnable_dataset(tmp_path)
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "training.train", "--muon", "--data", str(archive), "--out", str(out),
+           "--epochs", "3", "--set", "widths=[16,32,32]", "batch_size=48", "val_size=40", "tta_level=1"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(ENV, CIFAR_SVC_CACHE=str(tmp_path / "cache")),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["recipe"]["optimizer"] == "muon" and meta["recipe"]["whiten_bias_epochs"] == 0
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0]
+    assert meta["test"]["accuracy"] > 0.5  # the eval-mode net, BatchNorm statistics and all
