@@ -54,8 +54,8 @@ RECIPE = dict(
 # --fast: airbench94 itself (two convs per block), 10 epochs: under half the time.
 FAST = dict(RECIPE, depth=2, epochs=10)
 # --muon: airbench94_muon's optimiser (tuned at batch 2000, summed loss): Muon on the 3x3
-# filters, SGD for biases and head, linear decay to 0, no lookahead. The whitening bias stays
-# frozen: trained at bias_lr it grew past 100 here and the eval-mode net collapsed (NOTES.md 5).
+# filters, SGD for biases and head, linear decay to 0, no lookahead. The whitening bias moves on
+# the first step only: trained at bias_lr it grew past 100 and the eval-mode net collapsed (NOTES.md 5).
 MUON = dict(RECIPE, optimizer="muon", batch_size=2000, muon_lr=0.24, muon_momentum=0.6,
             momentum=0.85, bias_lr=0.053, head_lr=0.67, weight_decay=2e-6 * 2000, warmup=0,
             end_lr=0, lookahead=False, scaling_factor=1 / 256, whiten_bias_epochs=0)
