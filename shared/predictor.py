@@ -135,22 +135,26 @@ def resolve_precision(precision: str) -> str:
         raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
     if precision != "auto":
         return precision
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if (" avx512_bf16" in flags or " amx_bf16" in flags) else "float32"
+    flags = _first_cpu().get("flags", "").split()
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def cpu_name() -> str:
     """The CPU as /proc/cpuinfo names it, with family and model: "AMD EPYC" alone hides the
     generation, and speeds differ by almost 2x between the ones these figures came from."""
+    info = _first_cpu()
+    if not info:
+        return "unknown"
+    return f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
+def _first_cpu() -> dict:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none, as off Linux)."""
     try:
         first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        return "unknown"
-    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
-    return f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+        return {}
+    return {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in first.splitlines()) if sep}
 
 
 def _with_policy(net, policy: str):

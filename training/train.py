@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from shared.predictor import cpu_name  # noqa: E402
 from training.data import REPO_ROOT, load_dataset  # noqa: E402
 from training.model import CIFAR_MEAN, build_net, init_whitening  # noqa: E402
 
@@ -303,7 +304,6 @@ def git_commit() -> str:
 
 
 def machine() -> dict:
-    from shared.predictor import cpu_name
     return dict(cpu=cpu_name(), cores=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), tensorflow=tf.__version__, keras=keras.__version__)
 

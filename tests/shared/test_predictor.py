@@ -1,9 +1,8 @@
 """The predictor's small helpers: precision choice, the machine's name, top-k."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from shared import predictor
 from shared.predictor import cpu_name, resolve_precision, top_k
 
 
@@ -14,16 +13,31 @@ def test_an_explicit_precision_is_kept_and_a_wrong_one_refused():
         resolve_precision("fp16")
 
 
-def test_auto_precision_follows_the_cpu_flags():
-    flags = Path("/proc/cpuinfo").read_text()
-    native = " avx512_bf16" in flags or " amx_bf16" in flags
-    assert resolve_precision("auto") == ("bfloat16" if native else "float32")
+ZEN5 = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "fpu avx512f avx512_bf16"}
 
 
-def test_the_cpu_name_carries_family_and_model():
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx512f avx512_bf16 avx512_vnni", "bfloat16"),
+    ("fpu avx amx_bf16 amx_tile", "bfloat16"),
+    ("fpu avx2 avx512f", "float32"),
+    (None, "float32"),                      # no /proc/cpuinfo
+])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
+    info = {} if flags is None else dict(ZEN5, flags=flags)
+    monkeypatch.setattr(predictor, "_first_cpu", lambda: info)
+    assert resolve_precision("auto") == expected
+
+
+def test_the_cpu_name_carries_family_and_model(monkeypatch):
     # "AMD EPYC" alone names two generations whose speeds differ by almost 2x.
-    name = cpu_name()
-    assert "family" in name and "model" in name and not name.startswith("unknown")
+    monkeypatch.setattr(predictor, "_first_cpu", lambda: ZEN5)
+    assert cpu_name() == "AMD EPYC (family 26, model 2)"
+    monkeypatch.setattr(predictor, "_first_cpu", lambda: {})
+    assert cpu_name() == "unknown"
+
+
+def test_this_machines_cpu_is_read():
+    assert cpu_name() != "unknown" and "family" in cpu_name()
 
 
 def test_top_k_orders_by_probability_and_names_the_classes():
