@@ -4,8 +4,8 @@ FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     STORAGE_DIR=/data/images MODEL_DIR=/app/models/cifar10-airbench
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install -r requirements.txt
+COPY requirements requirements
+RUN pip install -r requirements/model.txt
 COPY shared ./shared
 COPY web ./web
 COPY worker ./worker
@@ -20,5 +20,5 @@ CMD ["gunicorn", "-c", "python:web.gunicorn_conf", "-b", "0.0.0.0:8000", "-w", "
 FROM base AS gpu
 USER root
 RUN pip uninstall -y tensorflow-cpu && \
-    pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow-cpu==//p' requirements.txt)"
+    pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow-cpu==//p' requirements/model.txt)"
 USER app

