@@ -3,6 +3,7 @@
 Written the way people write it first: load the model at import, decode the upload, resize,
 `model.predict` on one image per request, return the top 3. Not part of the product.
 """
+
 import io
 import json
 import os
@@ -12,7 +13,9 @@ import numpy as np
 from flask import Flask, jsonify, request
 from PIL import Image
 
-MODEL_DIR = os.environ.get("MODEL_DIR", "models/cifar10-airbench")
+from shared.settings import DEFAULT_MODEL_DIR
+
+MODEL_DIR = os.environ.get("MODEL_DIR", str(DEFAULT_MODEL_DIR))
 model = keras.saving.load_model(os.path.join(MODEL_DIR, "model.keras"), compile=False)
 CLASSES = json.load(open(os.path.join(MODEL_DIR, "model.json")))["classes"]
 

@@ -8,6 +8,7 @@ that it gives the same top-3 as TensorFlow on every test image, then times both,
 at the batch sizes of benchmarks.raw. Result on 2026-11-26 (2-core AMD EPYC): same top-3 on all
 10,000 images; ONNX Runtime faster at batch 1, slower from batch 64 up (README, issue notes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from benchmarks.raw import BATCH_SIZES  # noqa: E402
+from shared.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
 
 def export(model_dir: str, out: Path):
@@ -38,6 +40,7 @@ def export(model_dir: str, out: Path):
     @tf_op("Erfc")
     class Erfc:  # noqa: F841 - registered by the decorator
         """erfc(x) = 1 - erf(x): TensorFlow's exact GELU uses Erfc, which tf2onnx does not map."""
+
         @classmethod
         def version_9(cls, ctx, node, **kwargs):
             node.type = "Erf"
@@ -48,18 +51,24 @@ def export(model_dir: str, out: Path):
     predictor = Predictor(model_dir)
     fn = predictor._logits.get_concrete_function()
     frozen = convert_variables_to_constants_v2(fn)  # the normalisation constants are captured tensors
-    tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
-                                   output_names=[t.name for t in frozen.outputs], opset=17,
-                                   output_path=str(out))
+    tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs],
+        opset=17,
+        output_path=str(out),
+    )
     return predictor
 
 
 def runner(runtime: str, model_dir: str, onnx_path: Path):
     if runtime == "tensorflow":
         from shared.predictor import Predictor
+
         p = Predictor(model_dir)
         return lambda x: p.logits(x, batch_size=len(x))
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = os.cpu_count() or 2, 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -89,7 +98,7 @@ def time_one(runtime: str, model_dir: str, onnx_path: Path, seconds: float) -> d
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default="models/cifar10-airbench")
+    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--data")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
@@ -101,19 +110,41 @@ def main(argv=None) -> dict:
     onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
     predictor = export(args.model, onnx_path)  # a second Predictor in this process crashes TF here
     from training.data import load_dataset
+
     ds = load_dataset(args.data)
     tf_top3 = np.argsort(-predictor.logits(ds.test_x), 1)[:, :3]
     run_onnx = runner("onnx", args.model, onnx_path)
-    ort_top3 = np.argsort(-np.concatenate([run_onnx(ds.test_x[i:i + 1000]) for i in range(0, len(ds.test_x), 1000)]), 1)[:, :3]
-    report = {"images": len(ds.test_x), "same_top3": int((tf_top3 == ort_top3).all(1).sum()),
-              "same_top1": int((tf_top3[:, 0] == ort_top3[:, 0]).sum()), "timings": []}
-    print(f"same top-3 on {report['same_top3']} of {report['images']} test images "
-          f"(top-1: {report['same_top1']})", flush=True)
+    ort_top3 = np.argsort(
+        -np.concatenate([run_onnx(ds.test_x[i : i + 1000]) for i in range(0, len(ds.test_x), 1000)]), 1
+    )[:, :3]
+    report = {
+        "images": len(ds.test_x),
+        "same_top3": int((tf_top3 == ort_top3).all(1).sum()),
+        "same_top1": int((tf_top3[:, 0] == ort_top3[:, 0]).sum()),
+        "timings": [],
+    }
+    print(
+        f"same top-3 on {report['same_top3']} of {report['images']} test images (top-1: {report['same_top1']})",
+        flush=True,
+    )
     for _ in range(args.rounds):  # alternating, each in a fresh process
         for runtime in ("tensorflow", "onnx"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.onnx_runtime", args.model, "--seconds",
-                                  str(args.seconds), "--time", runtime, str(onnx_path)],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.onnx_runtime",
+                    args.model,
+                    "--seconds",
+                    str(args.seconds),
+                    "--time",
+                    runtime,
+                    str(onnx_path),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             timing = dict(json.loads(out.stdout.strip().splitlines()[-1]), runtime=runtime)
             report["timings"].append(timing)
             print(json.dumps(timing), flush=True)

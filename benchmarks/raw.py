@@ -5,6 +5,7 @@
 Prints one JSON object: images/second per precision and batch size, and how many times each
 function was traced (1 means any batch size ran the same compiled graph).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from shared.predictor import Predictor  # noqa: E402
+from shared.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
 BATCH_SIZES = (1, 8, 64, 256, 1024)
 
@@ -33,7 +35,7 @@ def images_per_second(predictor: Predictor, batch: int, seconds: float) -> float
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default="models/cifar10-airbench")
+    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--precisions", default="float32,bfloat16")
     p.add_argument("--tta-level", type=int, default=-1, help="-1: as the model ships it")
@@ -42,11 +44,9 @@ def main(argv=None) -> dict:
     check = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     reference = None
     for precision in args.precisions.split(","):
-        predictor = Predictor(args.model, precision=precision,
-                              tta_level=None if args.tta_level < 0 else args.tta_level)
+        predictor = Predictor(args.model, precision=precision, tta_level=None if args.tta_level < 0 else args.tta_level)
         out["tta_level"] = predictor.tta_level
-        out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1)
-                                   for b in BATCH_SIZES}
+        out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1) for b in BATCH_SIZES}
         out["tracing_count"][precision] = predictor.tracing_count
         top1 = predictor.predict_proba(check).argmax(1)
         if reference is None:

@@ -6,6 +6,7 @@ Starts its own Redis, web server (gunicorn), worker processes and test HTTP serv
 stops everything, and writes benchmarks/results/latest.json and latest.png. --quick runs the
 same sections with fewer images (the smoke test uses it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,25 +25,33 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import psutil
-import redis as redis_lib
 import requests
 from PIL import Image
 
-from shared.predictor import cpu_name, resolve_precision
+from shared.jobstore import JobStore
+from shared.machine import cpu_name
+from shared.modeldir import resolve_precision
+from shared.schemas import FINAL_STATUSES
+from shared.settings import DEFAULT_MODEL_DIR, REPO_ROOT, Settings
 from tools.imageserver import ImageServer
-from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop, wait_ready
+from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_ready
+from training.data import SHARED_JPEG_ARCHIVE
+from training.provenance import git_commit
 
-SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 
 def test_images(n: int) -> list[bytes]:
     """Real CIFAR-10 test JPEGs when the shared copy is beside the repo, else random PNGs."""
     out = []
-    if SHARED_ARCHIVE.exists():
-        with tarfile.open(SHARED_ARCHIVE) as tar:
+    if SHARED_JPEG_ARCHIVE.exists():
+        with tarfile.open(SHARED_JPEG_ARCHIVE) as tar:
             for m in tar:
                 if m.isfile() and "/test/" in m.name:
                     out.append(tar.extractfile(m).read())
@@ -95,7 +104,7 @@ class ProcessTree:
         return total
 
     def max_process_rss_mb(self) -> float:
-        return round(max(self.peak_rss.values(), default=0) / 2 ** 20, 1)
+        return round(max(self.peak_rss.values(), default=0) / 2**20, 1)
 
     def stop(self):
         self._stop.set()
@@ -127,58 +136,115 @@ def run_clients(n_requests: int, concurrency: int, one) -> tuple[float, list[flo
 def wait_batch(url: str, batch_id: str, timeout: float = 600) -> dict:
     deadline, version = time.monotonic() + timeout, -1
     while time.monotonic() < deadline:
-        b = requests.get(f"{url}/api/v1/batches/{batch_id}", params={"wait": 10, "since": version},
-                         timeout=30).json()
+        b = requests.get(f"{url}/api/v1/batches/{batch_id}", params={"wait": 10, "since": version}, timeout=30).json()
         if b["finished"]:
             return b
         version = b["version"]
     raise TimeoutError(f"batch {batch_id} did not finish")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(REPO_ROOT / "models" / "cifar10-airbench"))
-    p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--name", help="results file name (default: latest, or quick with --quick)")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--tta-level", type=int, default=-1,
-                   help="the workers' test-time augmentation (-1: as the model ships it; 0 matches "
-                        "the single forward pass of the usual Flask app)")
-    p.add_argument("--precision", default="auto", help="the workers' PREDICT_PRECISION")
-    p.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
-    p.add_argument("--worker-concurrency", type=int, default=0,
-                   help="model processes in the worker, each with its share of the cores (0: the worker's default)")
-    args = p.parse_args(argv)
-    n_batch = 50 if args.quick else 1000
-    n_single = 40 if args.quick else 400
-    n_flask = 24 if args.quick else 200
-    n_urls = 50 if args.quick else 1000
-    images = test_images(n_batch)
-    results: dict = {"quick": args.quick, "model": args.model}
-    procs, tmp = [], Path(tempfile.mkdtemp(prefix="bench-"))
-    # The result cache stays off for the measured paths (the same test images recur); its own
-    # effect is measured last, on a repeat of the batch.
-    env = dict(os.environ, MODEL_DIR=args.model, STORAGE_DIR=str(tmp / "images"), TF_CPP_MIN_LOG_LEVEL="3",
-               RATE_LIMIT="1000000/minute", PYTHONUNBUFFERED="1", RESULT_CACHE="0", LOG_JSON="0",
-               PREDICT_TTA_LEVEL=str(args.tta_level), PREDICT_PRECISION=args.precision,
-               WORKER_POOL=args.worker_pool)
-    results.update(tta_level=args.tta_level, precision=resolve_precision(args.precision), worker_pool=args.worker_pool,
-                   worker_concurrency=args.worker_concurrency)
-    try:
-        # 1. The raw model, in its own process.
-        raw = subprocess.run([sys.executable, "-m", "benchmarks.raw", args.model, "--seconds",
-                              "1" if args.quick else "3", "--tta-level", str(args.tta_level)],
-                             cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
-        results["raw"] = json.loads(raw.stdout.strip().splitlines()[-1])
-        results["raw_best_img_s"] = results["raw"]["best"]["img_s"]
-        print(f"raw model: best {results['raw_best_img_s']:.0f} img/s {results['raw']['best']}", flush=True)
+class Service:
+    """The service as deployed on one machine: Redis, web (gunicorn) and one `python -m worker`,
+    with the CPU each part spends, sampled."""
 
-        # 2. The usual synchronous Flask app, served the same way, hit by the same clients.
+    def __init__(self, settings: Settings, tmp: Path, worker_concurrency: int = 0):
+        self.settings, self.tmp, self.worker_concurrency = settings, tmp, worker_concurrency
+        self.procs: list[subprocess.Popen] = []
         port = free_port()
-        flask_app = start_web(env, port, app="benchmarks.flask_baseline:app")
-        procs.append(flask_app)
-        url = f"http://127.0.0.1:{port}"
+        self.procs.append(start_redis(port, tmp / "redis"))
+        self.redis_tree = ProcessTree(self.procs[-1])
+        self.settings = settings = settings.replace(redis_url=f"redis://127.0.0.1:{port}/0")
+        self.store = JobStore.from_url(settings.redis_url, settings.retention_seconds)
+        web_port = free_port()
+        self.web = start_web(self.env(), web_port)
+        self.procs.append(self.web)
+        self.url = f"http://127.0.0.1:{web_port}"
+        self.web_tree = ProcessTree(self.web)
+        t0 = time.perf_counter()
+        self.worker = self.start_worker(settings)
+        wait_ready(self.url)
+        self.worker_ready_s = round(time.perf_counter() - t0, 2)
+        self.worker_tree = ProcessTree(self.worker)
+
+    def env(self, settings: Settings | None = None) -> dict:
+        return dict(os.environ, **(settings or self.settings).to_env(), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+    def start_worker(self, settings: Settings, queues: str = "predict,fetch") -> subprocess.Popen:
+        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")
+        proc = start_worker(
+            self.env(settings),
+            queues,
+            concurrency=self.worker_concurrency or None,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def replace_worker(self, settings: Settings) -> None:
+        """Stop the worker, start one with these settings, and wait for its first heartbeat."""
+        stop(self.worker)
+        self.procs.remove(self.worker)
+        since = time.time()
+        self.worker = self.start_worker(settings, "predict")
+        while not self.store.live_workers(since):
+            time.sleep(0.1)
+
+    def cpu_snapshot(self) -> dict:
+        trees = (("web", self.web_tree), ("worker", self.worker_tree), ("redis", self.redis_tree))
+        return {k: t.cpu_seconds() for k, t in trees}
+
+    def cpu_ms_per_image(self, before: dict, n: int) -> dict:
+        after = self.cpu_snapshot()
+        return {k: round(1000 * (after[k] - before[k]) / n, 2) for k in after}
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+
+
+def single_image_client(url: str, images: list[bytes]):
+    """A client that submits one image and long-polls its job until done."""
+
+    def one(s: requests.Session, i: int) -> None:
+        job = s.post(url + "/api/v1/jobs", files={"images": (f"{i}.jpg", images[i % len(images)])}, timeout=60).json()
+        while job["status"] not in FINAL_STATUSES:
+            job = s.get(f"{url}/api/v1/jobs/{job['job_id']}", params={"wait": 10}, timeout=30).json()
+        assert job["status"] == "done", job
+
+    return one
+
+
+def measure_raw(args, env: dict) -> dict:
+    """The raw model, in its own process."""
+    raw = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.raw",
+            args.model,
+            "--seconds",
+            "1" if args.quick else "3",
+            "--tta-level",
+            str(args.tta_level),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    out = json.loads(raw.stdout.strip().splitlines()[-1])
+    print(f"raw model: best {out['best']['img_s']:.0f} img/s {out['best']}", flush=True)
+    return {"raw": out, "raw_best_img_s": out["best"]["img_s"]}
+
+
+def measure_flask(args, env: dict, images: list[bytes], n: int) -> dict:
+    """The usual synchronous Flask app, served the same way, hit by the same clients."""
+    port = free_port()
+    app = start_web(env, port, app="benchmarks.flask_baseline:app")
+    url = f"http://127.0.0.1:{port}"
+    try:
         deadline = time.monotonic() + 120
         while True:  # gunicorn listens before the model is loaded in each worker
             try:
@@ -188,127 +254,172 @@ def main(argv=None) -> dict:
                 pass
             assert time.monotonic() < deadline, "the Flask baseline did not start"
             time.sleep(0.2)
-        secs, lat = run_clients(n_flask, args.concurrency, lambda s, i: s.post(
-            url + "/predict", files={"image": images[i % len(images)]}, timeout=60).raise_for_status())
-        results["flask_img_s"] = round(n_flask / secs, 1)
-        results["flask"] = percentiles(lat)
-        stop(flask_app)
-        procs.remove(flask_app)
-        print(f"usual Flask: {results['flask_img_s']} img/s {results['flask']}", flush=True)
-
-        # 3. The service: Redis, web, one worker (predict + fetch).
-        rport = free_port()
-        procs.append(start_redis(rport, tmp / "redis"))
-        redis_tree = ProcessTree(procs[-1])
-        env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
-        slow = ImageServer(images, delay=0.1)  # a remote site that takes 100 ms per image
-        env["FETCH_ALLOW_HOSTS"] = f"127.0.0.1:{slow.port}"
-        wport = free_port()
-        web = start_web(env, wport)
-        procs.append(web)
-        url = f"http://127.0.0.1:{wport}"
-        t0 = time.perf_counter()
-        worker = start_worker(env, concurrency=args.worker_concurrency or None, stdout=open(tmp / "worker.log", "wb"),
-                              stderr=subprocess.STDOUT)
-        procs.append(worker)
-        wait_ready(url)
-        results["worker_ready_s"] = round(time.perf_counter() - t0, 2)
-        web_tree, worker_tree = ProcessTree(web), ProcessTree(worker)
-        print(f"worker ready in {results['worker_ready_s']} s", flush=True)
-
-        def cpu_snapshot():
-            return {k: t.cpu_seconds() for k, t in (("web", web_tree), ("worker", worker_tree), ("redis", redis_tree))}
-
-        def cpu_per_image(before, n):
-            after = cpu_snapshot()
-            return {k: round(1000 * (after[k] - before[k]) / n, 2) for k in after}
-
-        # A client that submits one image and long-polls its job until done.
-        def single(s, i):
-            job = s.post(url + "/api/v1/jobs", files={"images": (f"{i}.jpg", images[i % len(images)])}, timeout=60).json()
-            while job["status"] not in ("done", "failed"):
-                job = s.get(f"{url}/api/v1/jobs/{job['job_id']}", params={"wait": 10}, timeout=30).json()
-            assert job["status"] == "done", job
-
-        # One image at a time, 50 times: submit, long-poll until done (the plain latency).
-        session = requests.Session()
-        lat = []
-        for i in range(10 if args.quick else 50):
-            t0 = time.perf_counter()
-            single(session, i)
-            lat.append(time.perf_counter() - t0)
-        results["one_image_median_ms"] = round(1000 * statistics.median(lat), 1)
-        print(f"one image at a time: median {results['one_image_median_ms']} ms", flush=True)
-
-        # (a) one 1,000-image batch upload, submit to all done.
-        before = cpu_snapshot()
-        t0 = time.perf_counter()
-        resp = requests.post(url + "/api/v1/batches", files=[("images", (f"{i}.jpg", b)) for i, b in enumerate(images)],
-                             timeout=300)
-        submitted = time.perf_counter() - t0
-        batch = wait_batch(url, resp.json()["batch_id"])
-        secs = time.perf_counter() - t0
-        assert batch["counts"]["done"] == n_batch, batch["counts"]
-        results["batch_img_s"] = round(n_batch / secs, 1)
-        results["batch"] = {"images": n_batch, "seconds": round(secs, 2), "submit_seconds": round(submitted, 2),
-                            "cpu_ms_per_image": cpu_per_image(before, n_batch)}
-        print(f"batch of {n_batch}: {secs:.2f} s ({results['batch_img_s']} img/s), submit {submitted:.2f} s", flush=True)
-
-        # (b) concurrent clients, one image each, long-polling the job until done.
-        before = cpu_snapshot()
-        secs, lat = run_clients(n_single, args.concurrency, single)
-        results["single_img_s"] = round(n_single / secs, 1)
-        results["single"] = dict(percentiles(lat), requests=n_single, concurrency=args.concurrency,
-                                 cpu_ms_per_image=cpu_per_image(before, n_single))
-        results.update({k: results["single"][k] for k in ("p50_ms", "p95_ms", "p99_ms")})
-        print(f"single images x{args.concurrency}: {results['single_img_s']} img/s {percentiles(lat)}", flush=True)
-
-        # (c) a batch of URLs, each served after 100 ms.
-        t0 = time.perf_counter()
-        resp = requests.post(url + "/api/v1/batches", json={"urls": [slow.url(i) for i in range(n_urls)]}, timeout=120)
-        batch = wait_batch(url, resp.json()["batch_id"])
-        results["urls_s"] = round(time.perf_counter() - t0, 2)
-        results[f"urls_{n_urls}_s"] = results["urls_s"]
-        assert batch["counts"]["done"] == n_urls, batch["counts"]
-        # The fetching alone: when the remote site had answered every URL (prediction follows).
-        assert slow.served >= n_urls, slow.served
-        results["urls_fetched_s"] = round(slow.last_served_at - t0, 2)
-        slow.shutdown()
-        print(f"{n_urls} slow URLs: {results['urls_s']} s to all done, all fetched after "
-              f"{results['urls_fetched_s']} s", flush=True)
-
-        results["web_rss_mb"] = web_tree.max_process_rss_mb()
-        results["worker_rss_mb"] = worker_tree.max_process_rss_mb()
-
-        # (d) the result cache: a worker with it on, the same batch twice.
-        stop(worker)
-        procs.remove(worker)
-        cache_env = dict(env, RESULT_CACHE="1")
-        worker = start_worker(cache_env, "predict", stdout=open(tmp / "worker-cache.log", "wb"),
-                              stderr=subprocess.STDOUT)
-        procs.append(worker)
-        since = time.time()
-        heartbeats = redis_lib.Redis.from_url(env["REDIS_URL"])
-        while not heartbeats.zrangebyscore("workers:heartbeat", since, "+inf"):  # the new worker's
-            time.sleep(0.1)
-        cache = {}
-        for attempt in ("first", "repeat"):
-            t0 = time.perf_counter()
-            resp = requests.post(url + "/api/v1/batches", files=[("images", (f"{i}.jpg", b)) for i, b in enumerate(images)],
-                                 timeout=300)
-            wait_batch(url, resp.json()["batch_id"])
-            cache[f"{attempt}_img_s"] = round(n_batch / (time.perf_counter() - t0), 1)
-        results["result_cache"] = cache
-        print(f"result cache: {cache}", flush=True)
-        results["batch_vs_raw"] = round(results["batch_img_s"] / results["raw_best_img_s"], 3)
-        results["single_vs_flask"] = round(results["single_img_s"] / results["flask_img_s"], 2)
+        secs, lat = run_clients(
+            n,
+            args.concurrency,
+            lambda s, i: s.post(
+                url + "/predict", files={"image": images[i % len(images)]}, timeout=60
+            ).raise_for_status(),
+        )
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        stop(app)
+    out = {"flask_img_s": round(n / secs, 1), "flask": percentiles(lat)}
+    print(f"usual Flask: {out['flask_img_s']} img/s {out['flask']}", flush=True)
+    return out
+
+
+def measure_one_image(service: Service, images: list[bytes], n: int) -> dict:
+    """One image at a time: submit, long-poll until done (the plain latency)."""
+    one, session, lat = single_image_client(service.url, images), requests.Session(), []
+    for i in range(n):
+        t0 = time.perf_counter()
+        one(session, i)
+        lat.append(time.perf_counter() - t0)
+    out = {"one_image_median_ms": round(1000 * statistics.median(lat), 1)}
+    print(f"one image at a time: median {out['one_image_median_ms']} ms", flush=True)
+    return out
+
+
+def measure_batch(service: Service, images: list[bytes]) -> dict:
+    """One upload of every image, submit to all done."""
+    before, t0 = service.cpu_snapshot(), time.perf_counter()
+    files = [("images", (f"{i}.jpg", b)) for i, b in enumerate(images)]
+    resp = requests.post(service.url + "/api/v1/batches", files=files, timeout=300)
+    submitted = time.perf_counter() - t0
+    batch = wait_batch(service.url, resp.json()["batch_id"])
+    secs = time.perf_counter() - t0
+    assert batch["counts"]["done"] == len(images), batch["counts"]
+    print(
+        f"batch of {len(images)}: {secs:.2f} s ({len(images) / secs:.1f} img/s), submit {submitted:.2f} s", flush=True
+    )
+    return {
+        "batch_img_s": round(len(images) / secs, 1),
+        "batch": {
+            "images": len(images),
+            "seconds": round(secs, 2),
+            "submit_seconds": round(submitted, 2),
+            "cpu_ms_per_image": service.cpu_ms_per_image(before, len(images)),
+        },
+    }
+
+
+def measure_singles(service: Service, images: list[bytes], n: int, concurrency: int) -> dict:
+    """Concurrent clients, one image each, long-polling the job until done."""
+    before = service.cpu_snapshot()
+    secs, lat = run_clients(n, concurrency, single_image_client(service.url, images))
+    single = dict(
+        percentiles(lat), requests=n, concurrency=concurrency, cpu_ms_per_image=service.cpu_ms_per_image(before, n)
+    )
+    print(f"single images x{concurrency}: {n / secs:.1f} img/s {percentiles(lat)}", flush=True)
+    return {
+        "single_img_s": round(n / secs, 1),
+        "single": single,
+        **{k: single[k] for k in ("p50_ms", "p95_ms", "p99_ms")},
+    }
+
+
+def measure_urls(service: Service, slow: ImageServer, n: int) -> dict:
+    """A batch of URLs, each served after the image server's delay."""
+    t0 = time.perf_counter()
+    resp = requests.post(service.url + "/api/v1/batches", json={"urls": [slow.url(i) for i in range(n)]}, timeout=120)
+    batch = wait_batch(service.url, resp.json()["batch_id"])
+    out = {"urls_s": round(time.perf_counter() - t0, 2)}
+    assert batch["counts"]["done"] == n, batch["counts"]
+    # The fetching alone: when the remote site had answered every URL (prediction follows).
+    assert slow.served >= n, slow.served
+    out.update({f"urls_{n}_s": out["urls_s"], "urls_fetched_s": round(slow.last_served_at - t0, 2)})
+    print(f"{n} slow URLs: {out['urls_s']} s to all done, all fetched after {out['urls_fetched_s']} s", flush=True)
+    return out
+
+
+def measure_cache(service: Service, images: list[bytes]) -> dict:
+    """A worker with the result cache on, the same batch twice."""
+    service.replace_worker(service.settings.replace(result_cache=True))
+    cache = {}
+    for attempt in ("first", "repeat"):
+        t0 = time.perf_counter()
+        files = [("images", (f"{i}.jpg", b)) for i, b in enumerate(images)]
+        resp = requests.post(service.url + "/api/v1/batches", files=files, timeout=300)
+        wait_batch(service.url, resp.json()["batch_id"])
+        cache[f"{attempt}_img_s"] = round(len(images) / (time.perf_counter() - t0), 1)
+    print(f"result cache: {cache}", flush=True)
+    return {"result_cache": cache}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", help="results file name (default: latest, or quick with --quick)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--tta-level",
+        type=int,
+        default=-1,
+        help="the workers' test-time augmentation (-1: as the model ships it; 0 matches "
+        "the single forward pass of the usual Flask app)",
+    )
+    p.add_argument("--precision", default="auto", help="the workers' PREDICT_PRECISION")
+    p.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
+    p.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=0,
+        help="model processes in the worker, each with its share of the cores (0: the worker's default)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    n_batch, n_single, n_flask, n_urls, n_one = (50, 40, 24, 50, 10) if args.quick else (1000, 400, 200, 1000, 50)
+    images = test_images(n_batch)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    slow = ImageServer(images, delay=0.1)  # a remote site that takes 100 ms per image
+    # The result cache stays off for the measured paths (the same test images recur); its own
+    # effect is measured last, on a repeat of the batch.
+    settings = Settings.from_env().replace(
+        model_dir=Path(args.model),
+        storage_dir=tmp / "images",
+        rate_limit="1000000/minute",
+        result_cache=False,
+        log_json=False,
+        predict_tta_level=args.tta_level,
+        predict_precision=args.precision,
+        worker_pool=args.worker_pool,
+        fetch_allow_hosts=frozenset({f"127.0.0.1:{slow.port}"}),
+    )
+    env = dict(os.environ, **settings.to_env(), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    results: dict = {
+        "quick": args.quick,
+        "model": args.model,
+        "tta_level": args.tta_level,
+        "precision": resolve_precision(args.precision),
+        "worker_pool": args.worker_pool,
+        "worker_concurrency": args.worker_concurrency,
+    }
+    results |= measure_raw(args, env)
+    results |= measure_flask(args, env, images, n_flask)
+    service = Service(settings, tmp, args.worker_concurrency)
+    try:
+        results["worker_ready_s"] = service.worker_ready_s
+        print(f"worker ready in {service.worker_ready_s} s", flush=True)
+        results |= measure_one_image(service, images, n_one)
+        results |= measure_batch(service, images)
+        results |= measure_singles(service, images, n_single, args.concurrency)
+        results |= measure_urls(service, slow, n_urls)
+        results["web_rss_mb"] = service.web_tree.max_process_rss_mb()
+        results["worker_rss_mb"] = service.worker_tree.max_process_rss_mb()
+        results |= measure_cache(service, images)
+    finally:
+        service.close()
+        slow.shutdown()
+    results["batch_vs_raw"] = round(results["batch_img_s"] / results["raw_best_img_s"], 3)
+    results["single_vs_flask"] = round(results["single_img_s"] / results["flask_img_s"], 2)
     results["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
-    results["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                           capture_output=True, text=True).stdout.strip()
-    results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["git_commit"] = git_commit()
+    results["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("quick" if args.quick else "latest")
@@ -319,22 +430,21 @@ def main(argv=None) -> dict:
 
 
 def print_table(r: dict) -> None:
-    rows = [("raw model, best", f"{r['raw_best_img_s']:.0f} img/s"),
-            ("service, 1,000-image batch", f"{r['batch_img_s']:.0f} img/s ({r['batch_vs_raw']:.2f}x raw)"),
-            ("usual Flask, 8 clients", f"{r['flask_img_s']:.1f} img/s"),
-            ("service, single images, 8 clients", f"{r['single_img_s']:.0f} img/s ({r['single_vs_flask']:.1f}x Flask)"),
-            ("latency p50 / p95 / p99", f"{r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms"),
-            ("slow URLs: all done / all fetched", f"{r['urls_s']} / {r.get('urls_fetched_s')} s"),
-            ("peak RSS web / worker process", f"{r['web_rss_mb']} / {r['worker_rss_mb']} MB"),
-            ("worker ready after start", f"{r['worker_ready_s']} s")]
+    rows = [
+        ("raw model, best", f"{r['raw_best_img_s']:.0f} img/s"),
+        ("service, 1,000-image batch", f"{r['batch_img_s']:.0f} img/s ({r['batch_vs_raw']:.2f}x raw)"),
+        ("usual Flask, 8 clients", f"{r['flask_img_s']:.1f} img/s"),
+        ("service, single images, 8 clients", f"{r['single_img_s']:.0f} img/s ({r['single_vs_flask']:.1f}x Flask)"),
+        ("latency p50 / p95 / p99", f"{r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms"),
+        ("slow URLs: all done / all fetched", f"{r['urls_s']} / {r.get('urls_fetched_s')} s"),
+        ("peak RSS web / worker process", f"{r['web_rss_mb']} / {r['worker_rss_mb']} MB"),
+        ("worker ready after start", f"{r['worker_ready_s']} s"),
+    ]
     for k, v in rows:
         print(f"{k:<36} {v}")
 
 
 def chart(r: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     names = ["raw model\n(best)", "service\n1,000 batch", "service\nsingle x8", "usual Flask\nsingle x8"]
     vals = [r["raw_best_img_s"], r["batch_img_s"], r["single_img_s"], r["flask_img_s"]]

@@ -8,6 +8,7 @@ done, failed, lost (never finished), duplicated (a result written more than once
 from the workers' JSON logs), faults injected and wall time. Exit status 1 if anything was
 lost or duplicated. The short version runs in the tests (tests/integration/test_soak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ from pathlib import Path
 import requests
 
 from benchmarks.run import test_images
-from tools.stack import REPO_ROOT, free_port, start_redis, start_web, start_worker, stop, wait_ready
+from shared.schemas import FINAL_STATUSES
+from shared.settings import DEFAULT_MODEL_DIR
+from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_ready
 
 
 def main(argv=None) -> dict:
@@ -35,7 +38,7 @@ def main(argv=None) -> dict:
     p.add_argument("--kills", type=int, default=2)
     p.add_argument("--redis-restarts", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=1800)
-    p.add_argument("--model", default=str(REPO_ROOT / "models" / "cifar10-airbench"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--out", help="write the report here as JSON")
     args = p.parse_args(argv)
@@ -43,10 +46,18 @@ def main(argv=None) -> dict:
     images = test_images(500)
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     rport, wport = free_port(), free_port()
-    env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}/0", MODEL_DIR=args.model,
-               STORAGE_DIR=str(tmp / "images"), VISIBILITY_TIMEOUT="10", RATE_LIMIT="10000000/minute",
-               TF_CPP_MIN_LOG_LEVEL="3", LOG_JSON="1", PYTHONUNBUFFERED="1",
-               RESULT_CACHE="0")  # the soak reuses 500 images: every job must reach the model
+    env = dict(
+        os.environ,
+        REDIS_URL=f"redis://127.0.0.1:{rport}/0",
+        MODEL_DIR=args.model,
+        STORAGE_DIR=str(tmp / "images"),
+        VISIBILITY_TIMEOUT="10",
+        RATE_LIMIT="10000000/minute",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        LOG_JSON="1",
+        PYTHONUNBUFFERED="1",
+        RESULT_CACHE="0",
+    )  # the soak reuses 500 images: every job must reach the model
     redis = start_redis(rport, tmp / "redis", appendonly=True)
     web = start_web(env, wport)
     url = f"http://127.0.0.1:{wport}"
@@ -54,8 +65,9 @@ def main(argv=None) -> dict:
 
     def add_worker():
         log = open(tmp / f"worker-{len(workers)}.log", "wb")
-        workers.append(start_worker(env, "predict", concurrency=1, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True))
+        workers.append(
+            start_worker(env, "predict", concurrency=1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     add_worker()
     add_worker()
@@ -94,9 +106,11 @@ def main(argv=None) -> dict:
         with lock:
             return len(job_ids) / args.jobs
 
-    plan = sorted([("kill", (i + 1) / (args.kills + 1)) for i in range(args.kills)] +
-                  [("redis", (i + 0.5) / (args.redis_restarts + 0.5) * 0.8) for i in range(args.redis_restarts)],
-                  key=lambda f: f[1])
+    plan = sorted(
+        [("kill", (i + 1) / (args.kills + 1)) for i in range(args.kills)]
+        + [("redis", (i + 0.5) / (args.redis_restarts + 0.5) * 0.8) for i in range(args.redis_restarts)],
+        key=lambda f: f[1],
+    )
     for kind, at in plan:
         while progress() < at and time.monotonic() < deadline and any(t.is_alive() for t in clients):
             time.sleep(0.2)
@@ -120,18 +134,18 @@ def main(argv=None) -> dict:
     s = requests.Session()
     statuses: dict[str, str] = {}
     while time.monotonic() < deadline:
-        for job_id in [j for j in job_ids if statuses.get(j) not in ("done", "failed")]:
+        for job_id in [j for j in job_ids if statuses.get(j) not in FINAL_STATUSES]:
             try:
                 r = s.get(f"{url}/api/v1/jobs/{job_id}", timeout=10)
                 statuses[job_id] = r.json()["status"] if r.status_code == 200 else "missing"
             except requests.RequestException:
                 break
-        if all(statuses.get(j) in ("done", "failed") for j in job_ids):
+        if all(statuses.get(j) in FINAL_STATUSES for j in job_ids):
             break
         time.sleep(1)
     wall = time.monotonic() - started
     unfinished = []  # for the report: what a lost job looked like
-    for job_id in [j for j in job_ids if statuses.get(j) not in ("done", "failed")][:5]:
+    for job_id in [j for j in job_ids if statuses.get(j) not in FINAL_STATUSES][:5]:
         try:
             unfinished.append(s.get(f"{url}/api/v1/jobs/{job_id}", timeout=10).json())
         except (requests.RequestException, ValueError):
@@ -153,13 +167,19 @@ def main(argv=None) -> dict:
                     written[rec["job_id"]] += 1
     counts = Counter(statuses.get(j, "missing") for j in job_ids)
     report = {
-        "jobs_requested": args.jobs, "jobs_submitted": len(job_ids), "unique_job_ids": len(set(job_ids)),
-        "done": counts["done"], "failed": counts["failed"],
-        "lost": sum(v for k, v in counts.items() if k not in ("done", "failed")),
+        "jobs_requested": args.jobs,
+        "jobs_submitted": len(job_ids),
+        "unique_job_ids": len(set(job_ids)),
+        "done": counts["done"],
+        "failed": counts["failed"],
+        "lost": sum(v for k, v in counts.items() if k not in FINAL_STATUSES),
         "duplicated": sum(1 for j in job_ids if written[j] > 1),
         "results_written": sum(written[j] for j in job_ids),
-        "faults": faults, "submit_seconds": round(submitted_s, 1), "wall_seconds": round(wall, 1),
-        "unfinished_examples": unfinished, "logs": str(tmp),
+        "faults": faults,
+        "submit_seconds": round(submitted_s, 1),
+        "wall_seconds": round(wall, 1),
+        "unfinished_examples": unfinished,
+        "logs": str(tmp),
     }
     print(json.dumps(report, indent=2))
     if args.out:

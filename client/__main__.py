@@ -1,8 +1,9 @@
-"""Command-line client.
+"""Command-line client (`cifar-svc`, or `python -m client`).
 
-    python -m client submit urls.txt|images/ [--server URL] [--out results.jsonl|.csv] [--top-k 3]
-    python -m client get <job or batch id> [--server URL]
+cifar-svc submit urls.txt|images/ [--server URL] [--out results.jsonl|.csv] [--top-k 3]
+cifar-svc get <job or batch id> [--server URL]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from client.api import ApiError, Client
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
+
+from client.api import Client, ServiceError
 from client.submit import submit
 
 
@@ -19,11 +23,16 @@ class Progress:
     """A rich progress bar: done (and failed) out of all inputs."""
 
     def start(self, total: int, done: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
         self.failed = 0
-        self.bar = Bar(TextColumn("[bold]classifying"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(),
-                       transient=False, disable=not sys.stderr.isatty() and not os.environ.get("FORCE_PROGRESS"))
+        self.bar = Bar(
+            TextColumn("[bold]classifying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeRemainingColumn(),
+            transient=False,
+            disable=not sys.stderr.isatty() and not os.environ.get("FORCE_PROGRESS"),
+        )
         self.bar.start()
         self.task = self.bar.add_task("", total=total, completed=done, failed=0)
 
@@ -36,13 +45,17 @@ class Progress:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cifar-svc", description=__doc__.split("\n\n")[0])
     p.add_argument("--server", default=os.environ.get("CIFAR_SVC_SERVER", "http://127.0.0.1:8000"))
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="classify a file of URLs (one per line) or a folder of images")
     s.add_argument("source", type=Path)
-    s.add_argument("--out", type=Path, default=Path("results.jsonl"),
-                   help="results, one line per input: .jsonl or .csv (default results.jsonl)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results.jsonl"),
+        help="results, one line per input: .jsonl or .csv (default results.jsonl)",
+    )
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--batch-size", type=int, default=500, help="inputs per request")
     g = sub.add_parser("get", help="print a job or a batch as JSON")
@@ -53,7 +66,7 @@ def main(argv=None) -> int:
         if args.command == "get":
             try:
                 print(json.dumps(client.batch(args.id), indent=2))
-            except ApiError as exc:
+            except ServiceError as exc:
                 if exc.status != 404:
                     raise
                 print(json.dumps(client.job(args.id), indent=2))
@@ -61,11 +74,13 @@ def main(argv=None) -> int:
         if not args.source.exists():
             p.error(f"{args.source} does not exist")
         counts = submit(client, args.source, args.out, args.top_k, args.batch_size, Progress())
-        print(f"{counts['inputs']} inputs: {counts['already_done']} were already in {args.out}, "
-              f"{counts['resumed']} resumed, {counts['submitted']} submitted; results in {args.out}",
-              file=sys.stderr)
+        print(
+            f"{counts['inputs']} inputs: {counts['already_done']} were already in {args.out}, "
+            f"{counts['resumed']} resumed, {counts['submitted']} submitted; results in {args.out}",
+            file=sys.stderr,
+        )
         return 0
-    except ApiError as exc:
+    except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
 """A small HTTP client for the service's API, with retries on 429/503 and network errors."""
+
 from __future__ import annotations
 
 import time
@@ -9,7 +10,9 @@ import requests
 RETRY_STATUSES = {429, 502, 503, 504}
 
 
-class ApiError(RuntimeError):
+class ServiceError(RuntimeError):
+    """The service answered with an error (after any retries): HTTP status, code, message."""
+
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
@@ -46,7 +49,7 @@ class Client:
                 body = {}
             if resp.status_code >= 400:
                 err = body.get("error", {})
-                raise ApiError(resp.status_code, err.get("code", "http_error"), err.get("message", resp.text[:200]))
+                raise ServiceError(resp.status_code, err.get("code", "http_error"), err.get("message", resp.text[:200]))
             return body
         raise AssertionError("unreachable")
 
@@ -56,7 +59,7 @@ class Client:
     def submit_files(self, paths: list[Path], top_k: int = 3) -> dict:
         handles = [open(p, "rb") for p in paths]
         try:
-            files = [("images", (p.name, h)) for p, h in zip(paths, handles)]
+            files = [("images", (p.name, h)) for p, h in zip(paths, handles, strict=True)]
             return self._request("POST", "/api/v1/batches", files=files, data={"top_k": str(top_k)})
         finally:
             for h in handles:

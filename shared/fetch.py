@@ -7,6 +7,7 @@ connect cannot redirect it). A total deadline and a byte cap hold while streamin
 compressed bodies are never inflated past the cap. `FETCH_ALLOW_HOSTS` lists host:port
 pairs allowed despite the address rules (tests, intranets).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -32,7 +33,6 @@ class UrlRefused(InputRefused):
 
 @dataclass(frozen=True)
 class Target:
-    url: str
     scheme: str
     host: str  # as written (lower case, brackets removed)
     port: int
@@ -63,7 +63,7 @@ def check_url(url: str, allow_hosts=frozenset(), resolve: bool = True) -> tuple[
     allowed = f"{host}:{port}" in allow_hosts
     if not allowed and port != DEFAULT_PORTS[scheme]:
         raise UrlRefused("url_not_allowed", f"Only the default port for {scheme} is fetched.")
-    target = Target(url, scheme, host, port, allowed)
+    target = Target(scheme, host, port, allowed)
     literal = _parse_ip_literal(host)
     if literal is not None and not allowed and not is_public(literal):
         raise UrlRefused("url_not_allowed", "That address is private, local or reserved; it is not fetched.")
@@ -89,8 +89,9 @@ def is_public(ip) -> bool:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
     if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("0.0.0.0/8"):
         return False
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or
-                                 ip.is_loopback or ip.is_link_local or ip.is_private)
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_private
+    )
 
 
 def resolve_checked(target: Target) -> list[str]:
@@ -102,8 +103,9 @@ def resolve_checked(target: Target) -> list[str]:
     if not target.allowed_anyway:
         bad = [a for a in addresses if not is_public(ipaddress.ip_address(a.split("%")[0]))]
         if bad:
-            raise UrlRefused("url_not_allowed", f"{target.host} resolves to a private, local or "
-                             "reserved address; it is not fetched.")
+            raise UrlRefused(
+                "url_not_allowed", f"{target.host} resolves to a private, local or reserved address; it is not fetched."
+            )
     if not addresses:
         raise UrlRefused("fetch_failed", f"The host {target.host} has no address.", 502)
     return addresses
@@ -119,14 +121,19 @@ class _PinnedAdapter(HTTPAdapter):
     def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
         pool_kwargs = {}
         if self.target.scheme == "https":
-            pool_kwargs = dict(server_hostname=self.target.host, assert_hostname=self.target.host,
-                               cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE")
-        return self.poolmanager.connection_from_host(self.ip, self.target.port, self.target.scheme,
-                                                     pool_kwargs=pool_kwargs)
+            pool_kwargs = dict(
+                server_hostname=self.target.host,
+                assert_hostname=self.target.host,
+                cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
+            )
+        return self.poolmanager.connection_from_host(
+            self.ip, self.target.port, self.target.scheme, pool_kwargs=pool_kwargs
+        )
 
 
-def fetch(url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes: int = 10 << 20,
-          max_redirects: int = 5) -> bytes:
+def fetch(
+    url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes: int = 10 << 20, max_redirects: int = 5
+) -> bytes:
     """GET url with every rule above; returns the body or raises UrlRefused."""
     deadline = time.monotonic() + timeout
     for _hop in range(max_redirects + 1):
@@ -134,15 +141,22 @@ def fetch(url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes
         with requests.Session() as session:
             session.trust_env = False  # no proxies or .netrc from the environment
             session.mount(f"{target.scheme}://", _PinnedAdapter(target, addresses[0]))
-            host_header = target.host if target.port == DEFAULT_PORTS[target.scheme] \
-                else f"{target.host}:{target.port}"
+            host_header = target.host if target.port == DEFAULT_PORTS[target.scheme] else f"{target.host}:{target.port}"
             if ":" in target.host:
-                host_header = f"[{target.host}]" + host_header[len(target.host):]
+                host_header = f"[{target.host}]" + host_header[len(target.host) :]
             try:
-                resp = session.get(url, stream=True, allow_redirects=False, timeout=(
-                    max(0.1, min(5.0, deadline - time.monotonic())), max(0.1, deadline - time.monotonic())),
-                    headers={"Host": host_header, "User-Agent": USER_AGENT,
-                             "Accept": "image/*", "Accept-Encoding": "identity"})
+                resp = session.get(
+                    url,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(max(0.1, min(5.0, deadline - time.monotonic())), max(0.1, deadline - time.monotonic())),
+                    headers={
+                        "Host": host_header,
+                        "User-Agent": USER_AGENT,
+                        "Accept": "image/*",
+                        "Accept-Encoding": "identity",
+                    },
+                )
             except requests.Timeout:
                 raise UrlRefused("fetch_timeout", f"The server did not answer within {timeout:g} s.", 504) from None
             except requests.RequestException as exc:

@@ -1,11 +1,14 @@
 """The one image path: bytes -> checked picture -> the model's 32x32 uint8 input.
 
-Everything that turns an image into model input goes through `preprocess`
-(web uploads, fetched URLs, training and evaluation), so the service sees
-exactly what the model was trained on.
+Both serving tiers ingest an image with `prepare` (web uploads, and URLs the fetch workers
+download): check and decode it, make its thumbnail and its model input. Training and
+evaluation use `preprocess`, the same check and the same `to_model_input`, so the service
+sees exactly what the model was trained on.
 """
+
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import warnings
@@ -14,22 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared import formats
 from shared.errors import InputRefused
 
 INPUT_SIZE = 32  # the model's input is INPUT_SIZE x INPUT_SIZE x 3, uint8 RGB
-
-# Formats we decode. Passing this list to Image.open keeps every other Pillow
-# plugin (EPS runs Ghostscript, for one) away from untrusted bytes.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+PIXELS_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
 
 # Formats people upload that we recognise but cannot decode: refused by name.
 _KNOWN_UNSUPPORTED = {
-    b"ftypheic": "HEIC", b"ftypheix": "HEIC", b"ftyphevc": "HEIC", b"ftypmif1": "HEIF",
-    b"ftypmsf1": "HEIF", b"ftypheim": "HEIC", b"ftypheis": "HEIC",
+    b"ftypheic": "HEIC",
+    b"ftypheix": "HEIC",
+    b"ftyphevc": "HEIC",
+    b"ftypmif1": "HEIF",
+    b"ftypmsf1": "HEIF",
+    b"ftypheim": "HEIC",
+    b"ftypheis": "HEIC",
 }
 
 
-class ImageRejected(InputRefused):
+class ImageRefused(InputRefused):
     """Not an image we accept (415 unless the reason says otherwise)."""
 
     def __init__(self, code: str, message: str, status: int = 415):
@@ -41,47 +47,69 @@ class CheckedImage:
     image: Image.Image  # fully decoded, upright, RGB
     format: str
     sha256: str
-    width: int  # as stored, before orientation is applied
-    height: int
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready to be stored and predicted."""
+
+    sha256: str  # of the bytes as sent: the stored original's name
+    pixels: np.ndarray  # the model's input
+    thumbnail: bytes  # a small JPEG for the page
+
+    @property
+    def pixels_b64(self) -> str:
+        return encode_pixels(self.pixels)
 
 
 def check_image(data: bytes, max_pixels: int = 40_000_000) -> CheckedImage:
-    """Decode untrusted bytes completely, or raise ImageRejected with a clear reason."""
+    """Decode untrusted bytes completely, or raise ImageRefused with a clear reason."""
     if not data:
-        raise ImageRejected("empty_file", "The file is empty.", 400)
+        raise ImageRefused("empty_file", "The file is empty.", 400)
     brand = data[4:12]
     if brand in _KNOWN_UNSUPPORTED:
         name = _KNOWN_UNSUPPORTED[brand]
-        raise ImageRejected("unsupported_format", f"{name} images are not supported; "
-                            "send JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF.")
+        raise ImageRefused("unsupported_format", f"{name} images are not supported; send {formats.NAMES}.")
     try:
         with warnings.catch_warnings():
             # Pillow only warns about a decompression bomb below 2x its limit: make it an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            # Only the formats we accept: every other Pillow plugin (EPS runs Ghostscript, for
+            # one) stays away from untrusted bytes.
+            img = Image.open(io.BytesIO(data), formats=formats.PILLOW_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"The image is {width}x{height} pixels; "
-                                    f"the limit is {max_pixels:,} pixels.", 413)
+                raise ImageRefused(
+                    "too_many_pixels", f"The image is {width}x{height} pixels; the limit is {max_pixels:,} pixels.", 413
+                )
             if img.format == "JPEG":
                 # Decode big JPEGs at a reduced DCT scale: far faster, and we only need 32 px.
                 img.draft(img.mode, (INPUT_SIZE * 4, INPUT_SIZE * 4))
             img.load()  # truncated or corrupt data fails here, not later
             fmt = img.format
             img = _to_rgb(ImageOps.exif_transpose(img))
-    except ImageRejected:
+    except ImageRefused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected("too_many_pixels", f"The image declares more than {max_pixels:,} "
-                            "pixels.", 413) from None
+        raise ImageRefused("too_many_pixels", f"The image declares more than {max_pixels:,} pixels.", 413) from None
     except UnidentifiedImageError:
-        raise ImageRejected("unsupported_format", "The file is not an image in a format we accept "
-                            "(JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF).") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-            KeyError, ZeroDivisionError, MemoryError) as exc:
+        raise ImageRefused(
+            "unsupported_format", f"The file is not an image in a format we accept ({formats.NAMES})."
+        ) from None
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        IndexError,
+        TypeError,
+        KeyError,
+        ZeroDivisionError,
+        MemoryError,
+    ) as exc:
         # Pillow reports broken files with a zoo of exception types.
-        raise ImageRejected("corrupt_image", f"The image could not be decoded ({exc}).") from None
-    return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest(), width, height)
+        raise ImageRefused("corrupt_image", f"The image could not be decoded ({exc}).") from None
+    return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -120,12 +148,31 @@ def to_model_input(img: Image.Image, resample=Image.Resampling.BOX) -> np.ndarra
         # bicubic's overshoot; more accurate than bicubic on rescaled test images (the model
         # card's preprocessing study) and the cheapest filter.
         img = img.resize((INPUT_SIZE, INPUT_SIZE), resample)
-    return np.asarray(img, dtype=np.uint8).reshape(INPUT_SIZE, INPUT_SIZE, 3)
+    return np.asarray(img, dtype=np.uint8).reshape(PIXELS_SHAPE)
 
 
 def preprocess(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Untrusted image bytes -> the model's uint8 32x32x3 input (or ImageRejected)."""
+    """Untrusted image bytes -> the model's uint8 32x32x3 input (or ImageRefused)."""
     return to_model_input(check_image(data, max_pixels).image)
+
+
+def prepare(data: bytes, max_pixels: int = 40_000_000) -> PreparedImage:
+    """Untrusted image bytes -> what both serving tiers keep of an image (or ImageRefused)."""
+    checked = check_image(data, max_pixels)
+    return PreparedImage(checked.sha256, to_model_input(checked.image), thumbnail_jpeg(checked.image))
+
+
+def encode_pixels(pixels: np.ndarray) -> str:
+    """The model's input as text, for a JSON task message and the job record (4 KB)."""
+    assert pixels.shape == PIXELS_SHAPE and pixels.dtype == np.uint8
+    return base64.b64encode(pixels.tobytes()).decode("ascii")
+
+
+def decode_pixels(text: str) -> np.ndarray:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != int(np.prod(PIXELS_SHAPE)):
+        raise ValueError(f"expected {np.prod(PIXELS_SHAPE)} bytes of pixels, got {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(PIXELS_SHAPE)
 
 
 def thumbnail_jpeg(img: Image.Image, size: int = 128) -> bytes:

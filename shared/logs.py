@@ -3,6 +3,7 @@
 Code logs with the standard library (`log.info("job done", extra={"job_id": ...})`); while a
 job is being handled, `job_context(job_id=...)` adds the id to every line without passing it.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -10,9 +11,12 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
-_context: contextvars.ContextVar[dict] = contextvars.ContextVar("log_context", default={})
+# Read-only default: job_context always sets a new dict.
+_context: contextvars.ContextVar[Mapping] = contextvars.ContextVar("log_context", default=MappingProxyType({}))
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -22,9 +26,13 @@ class JsonFormatter(logging.Formatter):
         self.role = role
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "role": self.role, "logger": record.name,
-               "event": record.getMessage()}
+        out = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "role": self.role,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
         out.update(_context.get())
         if isinstance(record.args, dict) and "id" in record.args:
             # Celery's own lines ("Task fetch[<id>] received") pass the task id; ours are job ids.
@@ -46,8 +54,11 @@ def job_context(**fields):
 
 def setup_logging(role: str, json_lines: bool = True, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role) if json_lines else
-                         logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter(role)
+        if json_lines
+        else logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -3,28 +3,40 @@
 Messages are JSON only. A prediction message carries the image itself, preprocessed
 (32x32x3 uint8, base64: 4 KB), so a worker needs nothing but Redis and the model.
 """
+
 from __future__ import annotations
 
-import base64
+from typing import NamedTuple
 
-import numpy as np
 from celery import Celery
 
 from shared.settings import Settings
 
 PREDICT_TASK, PREDICT_QUEUE = "predict", "predict"
 FETCH_TASK, FETCH_QUEUE = "fetch", "fetch"
-PIXELS_SHAPE = (32, 32, 3)
+QUEUES = (PREDICT_QUEUE, FETCH_QUEUE)
+
+
+class PredictTask(NamedTuple):
+    job_id: str
+    pixels: str  # base64 (shared.images.encode_pixels), encoded once by whoever prepared the image
+    top_k: int
+
+
+class FetchTask(NamedTuple):
+    job_id: str
+    url: str
+    top_k: int
 
 
 def celery_init_app(settings: Settings) -> Celery:
     app = Celery("cifar_svc", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
-        accept_content=["json"],          # a pickled message is refused, never executed
+        accept_content=["json"],  # a pickled message is refused, never executed
         result_backend=None,
-        task_ignore_result=True,          # status lives in our own job records
-        task_acks_late=True,              # acknowledge after the work, so a crash redelivers it
+        task_ignore_result=True,  # status lives in our own job records
+        task_acks_late=True,  # acknowledge after the work, so a crash redelivers it
         task_reject_on_worker_lost=True,  # a killed pool child requeues its task
         worker_prefetch_multiplier=1,
         task_routes={PREDICT_TASK: {"queue": PREDICT_QUEUE}, FETCH_TASK: {"queue": FETCH_QUEUE}},
@@ -44,31 +56,17 @@ def celery_init_app(settings: Settings) -> Celery:
         broker_connection_max_retries=None,  # keep reconnecting while Redis is away
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_soft_time_limit + 30,
-        worker_send_task_events=True,     # for Flower
+        worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
     return app
 
 
-def encode_pixels(pixels: np.ndarray) -> str:
-    assert pixels.shape == PIXELS_SHAPE and pixels.dtype == np.uint8
-    return base64.b64encode(pixels.tobytes()).decode("ascii")
-
-
-def decode_pixels(text: str) -> np.ndarray:
-    raw = base64.b64decode(text, validate=True)
-    if len(raw) != int(np.prod(PIXELS_SHAPE)):
-        raise ValueError(f"expected {np.prod(PIXELS_SHAPE)} bytes of pixels, got {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(PIXELS_SHAPE)
-
-
-def enqueue(app: Celery, predictions: list[tuple[str, np.ndarray, int]], fetches: list[tuple[str, str, int]]) -> None:
-    """Queue (job_id, pixels, top_k) predictions and (job_id, url, top_k) fetches on one connection."""
+def enqueue(app: Celery, predictions: list[PredictTask], fetches: list[FetchTask]) -> None:
+    """Queue predictions and fetches on one connection (task ids are job ids)."""
     with app.producer_or_acquire() as producer:
-        for job_id, pixels, top_k in predictions:
-            app.send_task(PREDICT_TASK, kwargs=dict(job_id=job_id, pixels=encode_pixels(pixels), top_k=top_k),
-                          producer=producer, task_id=job_id, queue=PREDICT_QUEUE)
-        for job_id, url, top_k in fetches:
-            app.send_task(FETCH_TASK, kwargs=dict(job_id=job_id, url=url, top_k=top_k),
-                          producer=producer, task_id=job_id, queue=FETCH_QUEUE)
+        for t in predictions:
+            app.send_task(PREDICT_TASK, kwargs=t._asdict(), producer=producer, task_id=t.job_id, queue=PREDICT_QUEUE)
+        for t in fetches:
+            app.send_task(FETCH_TASK, kwargs=t._asdict(), producer=producer, task_id=t.job_id, queue=FETCH_QUEUE)

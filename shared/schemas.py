@@ -1,30 +1,46 @@
-"""The API's data shapes, defined once: requests are validated with them, responses are built
-to them, and the OpenAPI document (web/openapi.py) is generated from them."""
+"""The job API's shapes and vocabulary, defined once.
+
+Requests are validated with these models, responses are built from them (`from_record` turns
+a stored record into the API object), and the OpenAPI document (web/openapi.py) is generated
+from them. The statuses and the top-k bounds live here too; the job store and the workers use
+the same constants.
+"""
+
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from shared.fetch import MAX_URL_LENGTH
 
-TopK = Annotated[int, Field(ge=1, le=10, description="How many classes to return per image.")]
-Status = Literal["queued", "fetching", "running", "done", "failed"]
+STATUSES = ("queued", "fetching", "running", "done", "failed")
+FINAL_STATUSES = ("done", "failed")
+TOP_K_MIN, TOP_K_MAX, TOP_K_DEFAULT = 1, 10, 3
+
+TopK = Annotated[int, Field(ge=TOP_K_MIN, le=TOP_K_MAX, description="How many classes to return per image.")]
+Status = Literal[STATUSES]
 top_k_adapter = TypeAdapter(TopK)
+Url = Annotated[str, Field(max_length=MAX_URL_LENGTH)]
 
 
 class UrlSubmission(BaseModel):
     """JSON body of POST /api/v1/batches and /api/v1/jobs."""
+
     model_config = ConfigDict(extra="forbid")
-    urls: list[Annotated[str, Field(max_length=MAX_URL_LENGTH)]] = Field(
-        default_factory=list, description="http(s) URLs of images; at most MAX_BATCH_ITEMS.")
-    url: Annotated[str, Field(max_length=MAX_URL_LENGTH)] | None = Field(None, description="One URL (same as urls: [url]).")
-    top_k: TopK = 3
+    urls: list[Url] = Field(default_factory=list, description="http(s) URLs of images; at most MAX_BATCH_ITEMS.")
+    url: Url | None = Field(None, description="One URL (same as urls: [url]).")
+    top_k: TopK = TOP_K_DEFAULT
 
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable, machine-readable reason, e.g. unsupported_format.")
     message: str = Field(description="What went wrong, for people.")
+
+    @classmethod
+    def from_record(cls, rec: dict) -> ErrorDetail | None:
+        return cls(code=rec["error_code"], message=rec.get("error_message", "")) if rec.get("error_code") else None
 
 
 class ErrorResponse(BaseModel):
@@ -46,17 +62,27 @@ class ModelRef(BaseModel):
     version: str
 
 
+class Links(BaseModel):
+    self: str
+    page: str | None = None
+    batch: str | None = None
+
+
 class JobSummary(BaseModel):
     job_id: str
     source: Source
     status: Status
     error: ErrorDetail | None = None
 
-
-class Links(BaseModel):
-    self: str
-    page: str | None = None
-    batch: str | None = None
+    @classmethod
+    def from_record(cls, rec: dict, **extra) -> JobSummary:
+        return cls(
+            job_id=rec["job_id"],
+            source=Source(type=rec["source_type"], value=rec["source"]),
+            status=rec["status"],
+            error=ErrorDetail.from_record(rec),
+            **extra,
+        )
 
 
 class BatchCreated(BaseModel):
@@ -84,13 +110,27 @@ class Job(BaseModel):
     finished_at: str | None
     attempts: int = Field(description="Prediction attempts (a redelivered task counts again).")
 
+    @classmethod
+    def from_record(cls, rec: dict) -> Job:
+        """A stored job record (shared/jobstore.py: every value a string) -> the API's job."""
+        return cls(
+            job_id=rec["job_id"],
+            batch_id=rec["batch_id"],
+            status=rec["status"],
+            source=Source(type=rec["source_type"], value=rec["source"]),
+            image=rec.get("image") or None,
+            top_k=int(rec.get("top_k") or TOP_K_DEFAULT),
+            predictions=json.loads(rec["predictions"]) if rec.get("predictions") else None,
+            model=ModelRef(name=rec["model_name"], version=rec["model_version"]) if rec.get("model_name") else None,
+            error=ErrorDetail.from_record(rec),
+            created_at=rec["created_at"],
+            started_at=rec.get("started_at") or None,
+            finished_at=rec.get("finished_at") or None,
+            attempts=int(rec.get("attempts") or 0),
+        )
 
-class Counts(BaseModel):
-    queued: int
-    fetching: int
-    running: int
-    done: int
-    failed: int
+
+Counts = create_model("Counts", **{s: (int, ...) for s in STATUSES})
 
 
 class Batch(BaseModel):
@@ -100,9 +140,26 @@ class Batch(BaseModel):
     counts: Counts
     finished: bool = Field(description="Every job is done or failed.")
     version: int = Field(description="Grows with every change; pass it back as ?since= to long-poll.")
-    jobs: list[Job] = Field(description="Every job in submission order; with ?since=V only the jobs "
-                                        "that changed after version V.")
+    jobs: list[Job] = Field(
+        description="Every job in submission order; with ?since=V only the jobs that changed after version V."
+    )
     links: Links
+
+    @classmethod
+    def from_record(cls, rec: dict, jobs: list[dict], links: Links) -> Batch:
+        """A stored batch record and some of its job records -> the API's batch."""
+        counts = {s: int(rec.get(f"n_{s}", 0)) for s in STATUSES}
+        total = int(rec["total"])
+        return cls(
+            batch_id=rec["batch_id"],
+            created_at=rec["created_at"],
+            total=total,
+            counts=counts,
+            finished=sum(counts[s] for s in FINAL_STATUSES) == total,
+            version=int(rec.get("version", 0)),
+            jobs=[Job.from_record(j) for j in jobs],
+            links=links,
+        )
 
 
 class Health(BaseModel):

@@ -1,79 +1,85 @@
 """One settings object, read from the environment, with defaults for a laptop.
 
-Built once per process (`Settings.from_env()`) and passed down: to the Flask app
-factory, to the Celery app, to the job store. Nothing reads os.environ elsewhere.
+Built once per process (`Settings.from_env()`) and passed down: to the Flask app factory, to
+the Celery app, to the job store. Nothing else reads os.environ (a child process gets its
+settings back with `Settings.to_env()`).
 """
+
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "cifar10-airbench"
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _host_ports(value: str) -> frozenset[str]:
-    return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+class SettingsError(ValueError):
+    """An environment variable that cannot be used; the message names it and its value."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    # Each field is read from the environment variable of the same name, upper-cased.
+    # Each field is read from the environment variable of the same name, upper-cased (or the
+    # name in its metadata).
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage_dir: Path = REPO_ROOT / "var" / "images"
-    model_dir: Path = REPO_ROOT / "models" / "cifar10-airbench"
-    app_env: str = "production"          # "development" enables Flask debug mode
-    secret_key: str = ""                 # signs form tokens; unset: one random key kept in Redis
+    model_dir: Path = DEFAULT_MODEL_DIR
+    app_env: str = "production"  # "development" enables Flask debug mode
+    secret_key: str = ""  # signs form tokens; unset: one random key kept in Redis
     fetch_allow_hosts: frozenset[str] = frozenset()  # host:port pairs allowed despite being private
-    fetch_timeout: float = 10.0          # seconds for one URL, all redirects included
+    fetch_timeout: float = 10.0  # seconds for one URL, all redirects included
     fetch_max_bytes: int = 10 * 1024 * 1024
     fetch_max_redirects: int = 5
-    fetch_concurrency: int = 64          # fetch threads in all, split across the fetch processes
-    fetch_processes: int = 2             # a URL's Python work holds a GIL: 2 fetch ~1.7x faster than 1 on 2 cores
-    max_upload_bytes: int = 10 * 1024 * 1024      # one image
-    max_request_bytes: int = 256 * 1024 * 1024    # one HTTP request (Flask MAX_CONTENT_LENGTH)
+    fetch_concurrency: int = 64  # fetch threads in all, split across the fetch processes
+    fetch_processes: int = 2  # a URL's Python work holds a GIL: 2 fetch ~1.7x faster than 1 on 2 cores
+    max_upload_bytes: int = 10 * 1024 * 1024  # one image
+    max_request_bytes: int = 256 * 1024 * 1024  # one HTTP request (Flask MAX_CONTENT_LENGTH)
     max_image_pixels: int = 40_000_000
     max_batch_items: int = 1000
-    retention_days: float = 7.0          # job records and stored images expire after this
+    retention_days: float = 7.0  # job records and stored images expire after this
     long_poll_max_seconds: float = 25.0
-    predict_batch_size: int = 64         # most images per model call
-    predict_batch_wait_ms: float = 5.0   # how long a worker gathers concurrent jobs
-    predict_precision: str = "auto"      # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
-    predict_processes: int = 0           # model processes per worker (0: one per core, at most 4)
-    predict_threads: int = 0             # compute threads per model process (0: the cores shared out)
-    predict_tta_level: int = -1          # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
-    result_cache: bool = True            # the same image (pixels) and model version: predicted once
-    task_max_attempts: int = 3           # deliveries of one job before it fails as poison
-    task_soft_time_limit: float = 30.0   # seconds for one prediction batch or fetch
-    visibility_timeout: int = 60         # seconds before an unacknowledged task is redelivered
+    predict_batch_size: int = 64  # most images per model call
+    predict_batch_wait_ms: float = 5.0  # how long a worker gathers concurrent jobs
+    predict_precision: str = "auto"  # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
+    predict_processes: int = 0  # model processes per worker (0: one per CPU, at most 4)
+    predict_threads: int = 0  # compute threads per model process (0: the CPUs shared out)
+    predict_tta_level: int = -1  # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
+    result_cache: bool = True  # the same image (pixels) and model version: predicted once
+    task_max_attempts: int = 3  # deliveries of one job before it fails as poison
+    task_soft_time_limit: float = 30.0  # seconds for one prediction batch or fetch
+    visibility_timeout: int = 60  # seconds before an unacknowledged task is redelivered
     worker_heartbeat_seconds: float = 5.0
+    worker_role: str = "predict"  # what a Celery worker process does: predict | fetch (set by `python -m worker`)
+    worker_pool: str = "prefork"  # predict queue: prefork (model in a child process) | solo (in the worker)
+    worker_app: str = "worker.app"  # the Celery app `python -m worker` runs (tests run one that injects faults)
+    worker_metrics_port: int = 0  # `python -m worker` serves its processes' metrics here (0: off)
+    prometheus_multiproc_dir: str = ""  # where each process writes its metrics (prometheus-client's variable)
     rate_limit: str = "600/minute;20000/hour"  # per client, on submissions
     log_json: bool = True
+    cache_dir: Path = field(default=Path.home() / ".cache" / "cifar-svc", metadata={"env": "CIFAR_SVC_CACHE"})
 
     @classmethod
-    def from_env(cls, environ=None, **overrides) -> "Settings":
+    def from_env(cls, environ=None, **overrides) -> Settings:
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
-            raw = environ.get(f.name.upper())
-            if raw is None or raw == "":
-                continue
-            default = f.default
-            if isinstance(default, bool):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, frozenset):
-                values[f.name] = _host_ports(raw)
-            elif isinstance(default, Path):
-                values[f.name] = Path(raw).expanduser()
-            elif isinstance(default, (int, float)):
-                try:
-                    values[f.name] = type(default)(raw)
-                except ValueError:
-                    raise ValueError(f"{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
-            else:
-                values[f.name] = raw
+            raw = environ.get(_env_name(f))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
         values.update(overrides)
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables: what a child process needs to read them back."""
+        return {_env_name(f): _format(getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
 
     @property
     def retention_seconds(self) -> int:
@@ -82,3 +88,34 @@ class Settings:
     @property
     def debug(self) -> bool:
         return self.app_env == "development"
+
+
+def _env_name(f) -> str:
+    return f.metadata.get("env", f.name.upper())
+
+
+def _parse(f, raw: str):
+    default, name = f.default, _env_name(f)
+    if isinstance(default, bool):
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no or on/off)")
+        return word in _TRUE
+    if isinstance(default, frozenset):
+        return frozenset(h.strip().lower() for h in raw.split(",") if h.strip())
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+    return raw
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    return str(value)

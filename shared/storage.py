@@ -3,8 +3,10 @@
 Names never come from the user: a file called ../../etc/passwd.jpg is stored as
 <storage_dir>/ab/abcd...ef and its thumbnail as abcd...ef.thumb.jpg beside it.
 """
+
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+log = logging.getLogger(__name__)
 
 
 class ImageStore:
@@ -34,6 +37,16 @@ class ImageStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+
+    def keep(self, sha: str, original: bytes, thumbnail: bytes) -> bool:
+        """Store an image, or log why not: predictions need no storage (the task carries the
+        image), only thumbnails do, so a full or missing disk must not fail the job."""
+        try:
+            self.put(sha, original, thumbnail)
+            return True
+        except OSError as exc:
+            log.warning("could not store image %s: %s", sha, exc)
+            return False
 
     def thumbnail_path(self, sha: str) -> Path | None:
         try:

@@ -1,11 +1,12 @@
 """docker-compose.yml is valid and shaped for scaling (no engine here: validated, not run)."""
+
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from shared.settings import REPO_ROOT
 
 
 @pytest.fixture
@@ -24,9 +25,12 @@ def test_compose_file_is_valid(compose):
 
 def test_workers_scale_and_redis_persists(compose):
     import json
-    out = subprocess.run([compose, "--profile", "gpu", "config"], cwd=REPO_ROOT, check=True,
-                         capture_output=True, text=True).stdout
+
+    out = subprocess.run(
+        [compose, "--profile", "gpu", "config"], cwd=REPO_ROOT, check=True, capture_output=True, text=True
+    ).stdout
     import yaml  # docker-compose depends on PyYAML; parse what it resolved
+
     services = yaml.safe_load(out)["services"]
     assert {"redis", "web", "worker", "fetcher", "flower", "worker-gpu"} <= set(services)
     for name in ("worker", "fetcher", "worker-gpu"):

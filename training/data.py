@@ -1,10 +1,12 @@
 """Labelled images -> uint8 arrays, decoded once and cached.
 
 Accepted sources (the class list always comes from the data and is saved with the model):
-  * an image-folder tree ROOT/{train,test}/<class>/*.{jpg,jpeg,png}, as a folder or a .tar.gz
+  * an image-folder tree ROOT/{train,test}/<class>/<image> (any format the service accepts), as a
+    folder or a .tar.gz
     (the shared CIFAR-10 JPEG copy has this layout, and so can a user's own images);
   * the official cifar-10-python.tar.gz, or its extracted cifar-10-batches-py/ folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +22,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from shared.images import ImageRejected, preprocess
-from shared.predictor import file_digest
+from shared import formats
+from shared.digest import file_digest
+from shared.images import ImageRefused, preprocess
+from shared.settings import REPO_ROOT, Settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_JPEG_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+IMAGE_SUFFIXES = formats.SUFFIXES
 SPLITS = ("train", "test")
 
 
@@ -47,7 +50,7 @@ class Dataset:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CIFAR_SVC_CACHE", Path.home() / ".cache" / "cifar-svc"))
+    return Settings.from_env().cache_dir
 
 
 def default_source() -> Path:
@@ -65,14 +68,22 @@ def load_dataset(path: str | Path | None = None) -> Dataset:
     cached = cache_dir() / "datasets" / f"{checksum}.npz"
     if cached.exists():
         with np.load(cached) as z:
-            return Dataset(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                           [str(c) for c in z["classes"]], checksum, str(path))
+            return Dataset(
+                z["train_x"],
+                z["train_y"],
+                z["test_x"],
+                z["test_y"],
+                [str(c) for c in z["classes"]],
+                checksum,
+                str(path),
+            )
     ds = _decode(path)
     ds.checksum = checksum
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y,
-             classes=np.array(ds.classes))
+    np.savez(
+        tmp, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x, test_y=ds.test_y, classes=np.array(ds.classes)
+    )
     tmp.replace(cached)  # atomic: a killed run never leaves a half-written cache
     return ds
 
@@ -104,10 +115,14 @@ def _decode(path: Path) -> Dataset:
 
 
 def _folder_files(root: Path, official: bool) -> dict[str, bytes]:
-    wanted = (lambda p: p.suffix == "" or p.name == "batches.meta") if official \
+    wanted = (
+        (lambda p: p.suffix == "" or p.name == "batches.meta")
+        if official
         else (lambda p: p.suffix.lower() in IMAGE_SUFFIXES)
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and wanted(p)}
+    )
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and wanted(p)
+    }
 
 
 def _tar_files(tar: tarfile.TarFile, path: Path) -> dict[str, bytes]:
@@ -132,8 +147,9 @@ def _image_folder(files: dict[str, bytes], path: Path) -> Dataset:
         if split in items:
             items[split].append((name, label, data))
     if not items["train"]:
-        raise DatasetError(f"{path}: no images found under train/<class>/ "
-                           "(expected ROOT/{train,test}/<class>/*.jpg|png)")
+        raise DatasetError(
+            f"{path}: no images found under train/<class>/ (expected ROOT/{{train,test}}/<class>/<image files>)"
+        )
     classes = sorted({label for _, label, _ in items["train"]})
     unknown = sorted({label for _, label, _ in items["test"]} - set(classes))
     if unknown:
@@ -144,7 +160,7 @@ def _image_folder(files: dict[str, bytes], path: Path) -> Dataset:
         name, label, data = item
         try:
             return preprocess(data), index[label]
-        except ImageRejected as exc:
+        except ImageRefused as exc:
             raise DatasetError(f"{path}: {name}: {exc.message}") from None
 
     arrays = []
@@ -159,8 +175,12 @@ def _image_folder(files: dict[str, bytes], path: Path) -> Dataset:
 class _ArrayUnpickler(pickle.Unpickler):
     """The official archive is pickled; allow only what its dicts of arrays need."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -191,15 +211,24 @@ def _official_from_files(files: dict[str, bytes], path: Path) -> Dataset:
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     test_x, test_y = batch("test_batch")
-    return Dataset(np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
-                   test_x, test_y, classes, "", str(path))
+    return Dataset(
+        np.concatenate([t[0] for t in train]),
+        np.concatenate([t[1] for t in train]),
+        test_x,
+        test_y,
+        classes,
+        "",
+        str(path),
+    )
 
 
 def verify_md5(path: Path, expected: str = OFFICIAL_MD5) -> None:
     actual = file_digest(path, "md5")
     if actual != expected:
-        raise DatasetError(f"{path}: md5 {actual} does not match the expected {expected}; "
-                           "the file is corrupt or not the official archive. Delete it and retry.")
+        raise DatasetError(
+            f"{path}: md5 {actual} does not match the expected {expected}; "
+            "the file is corrupt or not the official archive. Delete it and retry."
+        )
 
 
 def download_official(folder: Path, url: str = OFFICIAL_URL) -> Path:
@@ -212,8 +241,9 @@ def download_official(folder: Path, url: str = OFFICIAL_URL) -> Path:
         try:
             urllib.request.urlretrieve(url, tmp)
         except OSError as exc:
-            raise DatasetError(f"could not download {url} ({exc}); pass --data PATH to a local "
-                               "copy of the dataset") from None
+            raise DatasetError(
+                f"could not download {url} ({exc}); pass --data PATH to a local copy of the dataset"
+            ) from None
         tmp.replace(target)
     verify_md5(target)
     return target

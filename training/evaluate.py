@@ -1,12 +1,19 @@
-"""Evaluate a shipped model on every test image, through the worker's own inference path.
+"""Evaluate a shipped model, through the worker's own inference path.
 
     python -m training.evaluate [--model DIR] [--data PATH] [--study]
+    python -m training.evaluate --photos [--split test|val|all] [--model DIR]
 
-Prints per-class accuracy, top-3 accuracy, ECE (15 bins) and, as its last line,
-accuracy=0.XXXX (with test-time augmentation as the model ships it).
---study also measures the preprocessing choice on upscaled and wide test images
-and writes those figures into the model's card.
+On every CIFAR test image: per-class accuracy, top-3 accuracy, ECE (15 bins) and, as its last
+line, accuracy=0.XXXX (with test-time augmentation as the model ships it). --study also
+measures the preprocessing choice on upscaled and wide test images and writes those figures
+into the model's card.
+
+--photos: the real-photo benchmark (benchmarks/photos), read through the service's own
+preprocessing and served configuration: class-balanced top-1, top-3 and ECE, per-class
+accuracy, the share answered "uncertain" among photos of the classes and of other things, and
+as its last line photo_accuracy=0.XXXX photo_top3=0.XXXX photo_ece=0.XXXX.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,33 +25,13 @@ import numpy as np
 from PIL import Image
 
 from shared.images import check_image, preprocess, to_model_input
-from shared.predictor import META_FILE, Predictor, softmax
-from training.data import REPO_ROOT, load_dataset
-
-DEFAULT_MODEL = REPO_ROOT / "models" / "cifar10-airbench"
-
-
-def metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict:
-    pred = probs.argmax(1)
-    top3 = np.argsort(-probs, axis=1)[:, :3]
-    conf = probs.max(1)
-    correct = pred == labels
-    # Expected calibration error: |accuracy - confidence| per confidence bin, weighted by bin size.
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    ece = sum(abs(correct[which == b].mean() - conf[which == b].mean()) * np.mean(which == b)
-              for b in range(bins) if np.any(which == b))
-    confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(confusion, (labels, pred), 1)
-    return dict(
-        n=int(len(labels)),
-        accuracy=float(correct.mean()),
-        top3_accuracy=float(np.mean((top3 == labels[:, None]).any(1))),
-        ece=float(ece),
-        nll=float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
-        per_class={c: float(confusion[i, i] / max(1, confusion[i].sum())) for i, c in enumerate(classes)},
-        confusion=confusion.tolist(),
-    )
+from shared.modeldir import META_FILE
+from shared.predictor import Predictor
+from shared.settings import DEFAULT_MODEL_DIR
+from training.card import write_model_card
+from training.data import load_dataset
+from training.metrics import metrics
+from training.photos import class_balanced_weights, load_photos
 
 
 def report(m: dict, title: str) -> None:
@@ -65,8 +52,12 @@ def crop_bicubic(data: bytes) -> np.ndarray:
     return to_model_input(check_image(data).image, Image.Resampling.BICUBIC)
 
 
-STUDY_VARIANTS = (("upscaled_48", 48, False), ("upscaled_97", 97, False),
-                  ("upscaled_277", 277, False), ("wide_4x3", 277, True))
+STUDY_VARIANTS = (
+    ("upscaled_48", 48, False),
+    ("upscaled_97", 97, False),
+    ("upscaled_277", 277, False),
+    ("wide_4x3", 277, True),
+)
 STUDY_PATHS = (("ours", preprocess), ("bicubic", crop_bicubic), ("nearest_squash", squash_nearest))
 
 
@@ -75,6 +66,7 @@ def preprocessing_study(predictor: Predictor, x: np.ndarray, y: np.ndarray) -> d
     to `size` px square, or also widened to 4:3 with mirrored margins (a landscape photo);
     saved as JPEG quality 90, as a camera would. Sizes that are not whole multiples of 32, so
     that nearest neighbour cannot land exactly on the original pixels."""
+
     def encode(a, size, wide):
         img = Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)
         if wide:
@@ -93,20 +85,11 @@ def preprocessing_study(predictor: Predictor, x: np.ndarray, y: np.ndarray) -> d
     return results
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--data")
-    p.add_argument("--study", action="store_true", help="also run the preprocessing study")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "auto"],
-                   help="compute precision (the worker's PREDICT_PRECISION)")
-    args = p.parse_args(argv)
+def evaluate_cifar(args, predictor: Predictor) -> None:
     ds = load_dataset(args.data)
-    predictor = Predictor(args.model, precision=args.precision)
     if list(ds.classes) != predictor.info.classes:
         raise SystemExit(f"the data's classes {ds.classes} differ from the model's {predictor.info.classes}")
-    print(f"model {predictor.info.name} {predictor.info.version}, TTA level {predictor.tta_level}, "
-          f"temperature {predictor.info.temperature:.3f}, {predictor.precision}; data {ds.source}")
+    print(f"data {ds.source}")
     plain = Predictor(args.model, tta_level=0, precision=args.precision)
     print(f"accuracy without TTA: {np.mean(plain.logits(ds.test_x).argmax(1) == ds.test_y):.4f}")
     if args.study:
@@ -117,12 +100,67 @@ def main(argv=None) -> None:
         meta = json.loads(meta_path.read_text())
         meta["preprocessing_study"] = study
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        from training.export import write_model_card
         write_model_card(Path(args.model), meta)
-    m = metrics(softmax(predictor.logits(ds.test_x) / predictor.info.temperature), ds.test_y,
-                predictor.info.classes)
+    m = metrics(predictor.predict_proba(ds.test_x), ds.test_y, predictor.info.classes)
     report(m, "test")
     print(f"accuracy={m['accuracy']:.4f}")
+
+
+def photo_figures(predictor: Predictor, split: str) -> dict:
+    """The photo benchmark's figures for this predictor (class-balanced where it matters)."""
+    photos = load_photos(split)
+    classes = predictor.info.classes
+    x, y = photos.in_class(classes)
+    probs = predictor.predict_proba(x)
+    m = metrics(probs, y, classes, weights=class_balanced_weights(y))
+    threshold = predictor.info.uncertain_below
+    other = predictor.predict_proba(photos.other()) if len(photos.other()) else np.zeros((0, len(classes)))
+    m.update(
+        split=split,
+        n_other=int(len(other)),
+        uncertain_below=threshold,
+        uncertain_share=float(np.mean(probs.max(1) < threshold)),
+        uncertain_share_other=float(np.mean(other.max(1) < threshold)) if len(other) else float("nan"),
+        mean_confidence=float(probs.max(1).mean()),
+        mean_confidence_other=float(other.max(1).mean()) if len(other) else float("nan"),
+    )
+    return m
+
+
+def evaluate_photos(args, predictor: Predictor) -> None:
+    m = photo_figures(predictor, args.split)
+    report(m, f"photos ({args.split} split, class-balanced)")
+    print(
+        f"mean top probability: {m['mean_confidence']:.3f} on class photos, {m['mean_confidence_other']:.3f} "
+        f"on {m['n_other']} photos of other things"
+    )
+    print(
+        f"answered uncertain (top probability below {m['uncertain_below']:.2f}): "
+        f"{m['uncertain_share']:.1%} of class photos, {m['uncertain_share_other']:.1%} of other photos"
+    )
+    print(f"photo_accuracy={m['accuracy']:.4f} photo_top3={m['top3_accuracy']:.4f} photo_ece={m['ece']:.4f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    p.add_argument("--data")
+    p.add_argument("--study", action="store_true", help="also run the preprocessing study")
+    p.add_argument("--photos", action="store_true", help="the real-photo benchmark instead of CIFAR")
+    p.add_argument("--split", default="test", choices=["test", "val", "all"], help="photo benchmark split")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "auto"],
+        help="compute precision (the worker's PREDICT_PRECISION)",
+    )
+    args = p.parse_args(argv)
+    predictor = Predictor(args.model, precision=args.precision)
+    print(
+        f"model {predictor.info.name} {predictor.info.version}, TTA level {predictor.tta_level}, "
+        f"temperature {predictor.info.temperature:.3f}, {predictor.precision}"
+    )
+    (evaluate_photos if args.photos else evaluate_cifar)(args, predictor)
 
 
 if __name__ == "__main__":

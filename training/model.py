@@ -3,6 +3,7 @@
 Only built-in layers, so the saved .keras file loads anywhere Keras does, with
 no custom code. Input is the raw uint8 32x32 RGB image; normalisation is inside.
 """
+
 from __future__ import annotations
 
 import keras
@@ -20,8 +21,9 @@ def torch_default_init():
 
 
 def conv(width: int, name: str) -> keras.layers.Conv2D:
-    return keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
-                               kernel_initializer=torch_default_init(), name=name)
+    return keras.layers.Conv2D(
+        width, 3, padding="same", use_bias=False, kernel_initializer=torch_default_init(), name=name
+    )
 
 
 def batch_norm(momentum: float, name: str) -> keras.layers.BatchNormalization:
@@ -30,13 +32,18 @@ def batch_norm(momentum: float, name: str) -> keras.layers.BatchNormalization:
     return keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-12, scale=False, name=name)
 
 
-def build_net(num_classes: int = 10, widths=(64, 256, 256), bn_momentum: float = 0.6,
-              scaling_factor: float = 1 / 9, depth: int = 2, name: str = "airbench") -> keras.Model:
+def build_net(
+    num_classes: int = 10,
+    widths=(64, 256, 256),
+    bn_momentum: float = 0.6,
+    scaling_factor: float = 1 / 9,
+    depth: int = 2,
+    name: str = "airbench",
+) -> keras.Model:
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
-    x = keras.layers.Normalization(mean=CIFAR_MEAN, variance=CIFAR_STD ** 2, name="normalize")(inputs)
+    x = keras.layers.Normalization(mean=CIFAR_MEAN, variance=CIFAR_STD**2, name="normalize")(inputs)
     # Patch-whitening: fixed filters from the data's 2x2 patch covariance (set in init_whitening).
-    x = keras.layers.Conv2D(2 * 3 * WHITEN_KERNEL ** 2, WHITEN_KERNEL, padding="valid",
-                            name="whiten")(x)
+    x = keras.layers.Conv2D(2 * 3 * WHITEN_KERNEL**2, WHITEN_KERNEL, padding="valid", name="whiten")(x)
     x = keras.layers.Activation("gelu", name="whiten_gelu")(x)
     for i, width in enumerate(widths, start=1):
         x = conv(width, f"block{i}_conv1")(x)
@@ -51,8 +58,7 @@ def build_net(num_classes: int = 10, widths=(64, 256, 256), bn_momentum: float =
             x = keras.layers.Add(name=f"block{i}_residual")([x, skip])
     x = keras.layers.MaxPooling2D(3, name="pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=torch_default_init(),
-                           name="head")(x)
+    x = keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=torch_default_init(), name="head")(x)
     # Small logits at init; float32 so the loss and softmax never run in bfloat16.
     logits = keras.layers.Rescaling(scaling_factor, dtype="float32", name="logits")(x)
     model = keras.Model(inputs, logits, name=name)
@@ -77,7 +83,7 @@ def init_whitening(model: keras.Model, images: np.ndarray, eps: float = 5e-4) ->
     k = WHITEN_KERNEL
     h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
     # (N, h, w, k, k, C) patches, flattened in the conv kernel's (kh, kw, C) order.
-    patches = np.stack([x[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=3)
+    patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=3)
     flat = patches.reshape(-1, k * k * x.shape[3])
     eigenvalues, eigenvectors = np.linalg.eigh(flat.T @ flat / len(flat))
     order = np.argsort(eigenvalues)[::-1]

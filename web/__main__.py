@@ -1,4 +1,5 @@
 """Development server: `python -m web [--host H] [--port N]` (gunicorn serves it in production)."""
+
 import argparse
 
 from shared.settings import Settings

@@ -1,14 +1,18 @@
 """The JSON API, version 1."""
+
 from __future__ import annotations
 
 import re
 import time
 
 from flask import Blueprint, current_app, jsonify, request, url_for
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.jobs import FINAL
-from web import ApiError
+from shared.metrics import QueueDepth, scrape_registry
+from shared.schemas import FINAL_STATUSES, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
+from web.errors import ApiError
 from web.extensions import limiter, submission_limit
+from web.openapi import build_openapi
 from web.submit import create_submission, parse_submission
 
 api = Blueprint("api", __name__)
@@ -20,47 +24,52 @@ def _ext(name):
     return current_app.extensions[name]
 
 
-def _links(batch_id: str) -> dict:
-    return {"self": url_for("api.get_batch", batch_id=batch_id),
-            "page": url_for("pages.batch_page", batch_id=batch_id)}
+def _batch_links(batch_id: str) -> Links:
+    return Links(self=url_for("api.get_batch", batch_id=batch_id), page=url_for("pages.batch_page", batch_id=batch_id))
+
+
+def _json(model, status: int = 200, headers: dict | None = None):
+    return current_app.response_class(model.model_dump_json(), status, headers, mimetype="application/json")
 
 
 @api.post("/api/v1/batches")
 @limiter.limit(submission_limit)
 def post_batch():
     items, top_k = parse_submission(request, _ext("settings"), single=False)
-    batch_id, jobs = create_submission(items, top_k)
-    body = {"batch_id": batch_id, "jobs": jobs, "links": _links(batch_id)}
-    return jsonify(body), 202, {"Location": body["links"]["self"]}
+    batch_id, records = create_submission(items, top_k)
+    body = BatchCreated(
+        batch_id=batch_id, jobs=[JobSummary.from_record(r) for r in records], links=_batch_links(batch_id)
+    )
+    return _json(body, 202, {"Location": body.links.self})
 
 
 @api.post("/api/v1/jobs")
 @limiter.limit(submission_limit)
 def post_job():
     items, top_k = parse_submission(request, _ext("settings"), single=True)
-    batch_id, jobs = create_submission(items, top_k)
-    job = dict(jobs[0], links={"self": url_for("api.get_job", job_id=jobs[0]["job_id"]),
-                               "batch": url_for("api.get_batch", batch_id=batch_id)})
-    return jsonify(job), 202, {"Location": job["links"]["self"]}
+    batch_id, [record] = create_submission(items, top_k)
+    links = Links(
+        self=url_for("api.get_job", job_id=record["job_id"]), batch=url_for("api.get_batch", batch_id=batch_id)
+    )
+    return _json(JobCreated.from_record(record, links=links), 202, {"Location": links.self})
 
 
 @api.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):
     store = _ext("jobs")
-    job = store.get_job(job_id) if _ID.match(job_id) else None
-    if job is None:
-        raise ApiError(404, "job_not_found", f"No job {job_id!r} (unknown, or expired after the "
-                       "retention period).")
+    record = store.get_job(job_id) if _ID.match(job_id) else None
+    if record is None:
+        raise ApiError(404, "job_not_found", f"No job {job_id!r} (unknown, or expired after the retention period).")
     wait = _float_arg("wait", 0.0, 0.0, _ext("settings").long_poll_max_seconds)
     deadline = time.monotonic() + wait
     # Long-poll: answer as soon as the job finishes (its batch's channel says when it changes).
-    while job["status"] not in FINAL and (left := deadline - time.monotonic()) > 0:
-        version = store.batch_version(job["batch_id"])
+    while record["status"] not in FINAL_STATUSES and (left := deadline - time.monotonic()) > 0:
+        version = store.batch_version(record["batch_id"])
         if version is None:
             break
-        store.wait_for_change(job["batch_id"], version, left)
-        job = store.get_job(job_id) or job
-    return jsonify(job)
+        store.wait_for_change(record["batch_id"], version, left)
+        record = store.get_job(job_id) or record
+    return _json(Job.from_record(record))
 
 
 @api.get("/api/v1/batches/<batch_id>")
@@ -72,19 +81,15 @@ def get_batch(batch_id: str):
     since = request.args.get("since", type=int)
     if wait > 0:
         version = store.batch_version(batch_id)
-        if version is not None and not _finished(store, batch_id):
+        if version is not None and not store.batch_finished(batch_id):
             store.wait_for_change(batch_id, version if since is None else since, wait)
-    batch = store.get_batch(batch_id, since)
-    if batch is None:
-        raise ApiError(404, "batch_not_found", f"No batch {batch_id!r} (unknown, or expired after "
-                       "the retention period).")
-    batch["links"] = _links(batch_id)
-    return jsonify(batch)
-
-
-def _finished(store, batch_id: str) -> bool:
-    counts = store.r.hmget(f"batch:{batch_id}", "total", "n_done", "n_failed")
-    return None not in counts and int(counts[1]) + int(counts[2]) >= int(counts[0])
+    found = store.get_batch(batch_id, since)
+    if found is None:
+        raise ApiError(
+            404, "batch_not_found", f"No batch {batch_id!r} (unknown, or expired after the retention period)."
+        )
+    record, jobs = found
+    return _json(Batch.from_record(record, jobs, _batch_links(batch_id)))
 
 
 def _float_arg(name: str, default: float, low: float, high: float) -> float:
@@ -103,17 +108,16 @@ def _float_arg(name: str, default: float, low: float, high: float) -> float:
 @api.get("/api/v1/openapi.json")
 def openapi():
     if "openapi" not in current_app.extensions:
-        from web.openapi import build
-        current_app.extensions["openapi"] = build(_ext("settings"))
+        current_app.extensions["openapi"] = build_openapi(_ext("settings"))
     return jsonify(current_app.extensions["openapi"])
 
 
 @api.get("/metrics")
 def metrics():
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     if "metrics_registry" not in current_app.extensions:
-        from shared.metrics import QueueDepth, scrape_registry
-        current_app.extensions["metrics_registry"] = scrape_registry(QueueDepth(_ext("jobs").r))
+        current_app.extensions["metrics_registry"] = scrape_registry(
+            _ext("settings").prometheus_multiproc_dir, QueueDepth(_ext("jobs"))
+        )
     return generate_latest(current_app.extensions["metrics_registry"]), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
@@ -129,9 +133,9 @@ def readyz():
     try:
         store.ping()
         checks["redis"] = "ok"
-        since = time.time() - READY_WINDOW_FACTOR * settings.worker_heartbeat_seconds
-        workers = store.r.zrangebyscore("workers:heartbeat", since, "+inf")
-        checks["workers"] = len(workers)
+        checks["workers"] = len(
+            store.live_workers(time.time() - READY_WINDOW_FACTOR * settings.worker_heartbeat_seconds)
+        )
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         checks["redis"] = f"unavailable: {type(exc).__name__}"
         checks["workers"] = 0

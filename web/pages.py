@@ -1,20 +1,35 @@
 """HTML pages: the upload form and the shareable batch page (plain HTML/CSS/JS, no build step)."""
+
 from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, send_file, url_for
 
-from web import ApiError
+from shared import formats
+from shared.schemas import TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN
+from web.errors import ApiError
 from web.extensions import limiter, submission_limit
+from web.openapi import build_openapi
 from web.submit import create_submission, parse_submission
 
 pages = Blueprint("pages", __name__)
 
 
+def _form(error: str | None = None):
+    s = current_app.extensions["settings"]
+    return render_template(
+        "index.html",
+        error=error,
+        max_items=s.max_batch_items,
+        max_mb=s.max_upload_bytes // (1024 * 1024),
+        formats=formats.NAMES,
+        top_k_choices=range(TOP_K_MIN, TOP_K_MAX + 1),
+        top_k_default=TOP_K_DEFAULT,
+    )
+
+
 @pages.get("/")
 def index():
-    s = current_app.extensions["settings"]
-    return render_template("index.html", max_items=s.max_batch_items,
-                           max_mb=s.max_upload_bytes // (1024 * 1024))
+    return _form()
 
 
 @pages.post("/batches")
@@ -25,9 +40,7 @@ def submit_form():
         items, top_k = parse_submission(request, current_app.extensions["settings"], single=False)
         batch_id, _ = create_submission(items, top_k)
     except ApiError as e:
-        s = current_app.extensions["settings"]
-        return render_template("index.html", error=e.message, max_items=s.max_batch_items,
-                               max_mb=s.max_upload_bytes // (1024 * 1024)), e.status
+        return _form(e.message), e.status
     return redirect(url_for("pages.batch_page", batch_id=batch_id), 303)
 
 
@@ -40,8 +53,7 @@ def batch_page(batch_id: str):
 
 @pages.get("/api/docs")
 def api_docs():
-    from web.openapi import build
-    return render_template("api_docs.html", spec=build(current_app.extensions["settings"]))
+    return render_template("api_docs.html", spec=build_openapi(current_app.extensions["settings"]))
 
 
 @pages.get("/images/<sha>.jpg")

@@ -1,4 +1,5 @@
 """Turning one HTTP submission into stored images, job records and queued tasks."""
+
 from __future__ import annotations
 
 import logging
@@ -11,15 +12,15 @@ from redis import RedisError
 from werkzeug.datastructures import FileStorage
 
 from shared.fetch import UrlRefused, check_url
-from shared.images import ImageRejected, check_image, thumbnail_jpeg, to_model_input
-from shared.jobs import NewJob
+from shared.images import ImageRefused, PreparedImage, prepare
+from shared.jobstore import NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
-from shared.queue import encode_pixels, enqueue
+from shared.queue import FetchTask, PredictTask, enqueue
+from shared.schemas import TOP_K_DEFAULT, UrlSubmission, top_k_adapter
 from shared.settings import Settings
-from web import ApiError
-from web.schemas import UrlSubmission, top_k_adapter
+from web.errors import ApiError, unavailable
 
-log = logging.getLogger("web.submit")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Url:
 
 
 def parse_submission(request, settings: Settings, single: bool) -> tuple[list, int]:
-    """Read files and URLs from a multipart form, a plain form or a JSON body (web/schemas.py)."""
+    """Read files and URLs from a multipart form, a plain form or a JSON body (shared/schemas.py)."""
     if request.is_json:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
@@ -49,22 +50,31 @@ def parse_submission(request, settings: Settings, single: bool) -> tuple[list, i
         text = "\n".join(request.form.getlist("urls") + request.form.getlist("url"))
         urls = [line.strip() for line in text.splitlines() if line.strip()]
         try:
-            top_k = top_k_adapter.validate_python(request.form.get("top_k", request.args.get("top_k", 3)))
+            top_k = top_k_adapter.validate_python(request.form.get("top_k", request.args.get("top_k", TOP_K_DEFAULT)))
         except ValidationError as exc:
             raise _invalid(exc, "top_k") from None
     else:
-        raise ApiError(415, "unsupported_media_type", "Send multipart/form-data (fields 'images' "
-                       "and/or 'urls') or JSON {\"urls\": [...]}.")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send multipart/form-data (fields 'images' and/or 'urls') or JSON {\"urls\": [...]}.",
+        )
     count = len(files) + len(urls)
     if count == 0:
-        raise ApiError(400, "no_images", "Send at least one image (field 'images') or URL "
-                       "(field 'urls').")
+        raise ApiError(400, "no_images", "Send at least one image (field 'images') or URL (field 'urls').")
     if single and count > 1:
-        raise ApiError(400, "too_many_items", f"This endpoint takes one image or URL; got {count}. "
-                       "Use POST /api/v1/batches for several.")
+        raise ApiError(
+            400,
+            "too_many_items",
+            f"This endpoint takes one image or URL; got {count}. Use POST /api/v1/batches for several.",
+        )
     if count > settings.max_batch_items:
-        raise ApiError(413, "too_many_items", f"A batch holds at most {settings.max_batch_items} "
-                       f"images or URLs; got {count}. Split it into several batches.")
+        raise ApiError(
+            413,
+            "too_many_items",
+            f"A batch holds at most {settings.max_batch_items} "
+            f"images or URLs; got {count}. Split it into several batches.",
+        )
     items = [Upload(_filename(f), _read_capped(f, settings.max_upload_bytes)) for f in files]
     return items + [Url(u) for u in urls], top_k
 
@@ -88,52 +98,54 @@ def _read_capped(f: FileStorage, limit: int) -> bytes | None:
 
 
 def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
-    """Check and store every item, write the records, queue the work. Returns (batch_id, jobs)."""
+    """Check every item, write the records, queue the work, then store the images (so that
+    nothing is stored when Redis refuses). Returns (batch_id, job records)."""
     settings: Settings = current_app.extensions["settings"]
-    images = current_app.extensions["images"]
-    new_jobs, pixels, first_error = [], {}, None
+    new_jobs, prepared, first_error = [], {}, None  # prepared: item index -> PreparedImage
     for i, item in enumerate(items):
         try:
-            if isinstance(item, Upload):
-                if item.data is None:
-                    raise ImageRejected("file_too_large", f"{item.filename} is larger than "
-                                        f"{settings.max_upload_bytes // (1024 * 1024)} MB.", 413)
-                checked = check_image(item.data, settings.max_image_pixels)
-                images.put(checked.sha256, item.data, thumbnail_jpeg(checked.image))
-                pixels[i] = to_model_input(checked.image)
-                new_jobs.append(NewJob("upload", item.filename, checked.sha256, pixels=encode_pixels(pixels[i])))
-            else:
+            if isinstance(item, Url):
                 check_url(item.url, settings.fetch_allow_hosts, resolve=False)
                 new_jobs.append(NewJob("url", item.url, status="fetching"))
-        except (ImageRejected, UrlRefused) as exc:
+            else:
+                prepared[i] = image = _prepare_upload(item, settings)
+                new_jobs.append(NewJob("upload", item.filename, image.sha256, pixels=image.pixels_b64))
+        except (ImageRefused, UrlRefused) as exc:
             first_error = first_error or exc
             source = ("upload", item.filename) if isinstance(item, Upload) else ("url", item.url[:2048])
             new_jobs.append(NewJob(*source, status="failed", error_code=exc.code, error_message=exc.message))
-    if first_error is not None and len(pixels) + sum(j.status == "fetching" for j in new_jobs) == 0:
+    if first_error is not None and all(j.status == "failed" for j in new_jobs):
         # Nothing usable at all: answer with the reason instead of a batch of failures.
         raise ApiError(first_error.status, first_error.code, first_error.message)
 
     store = current_app.extensions["jobs"]
     batch_id, records = store.create_batch(new_jobs, top_k)
     try:
-        enqueue(current_app.extensions["celery"],
-                [(records[i]["job_id"], p, top_k) for i, p in pixels.items()],
-                [(r["job_id"], r["source"], top_k) for r in records if r["status"] == "fetching"])
+        enqueue(
+            current_app.extensions["celery"],
+            [PredictTask(records[i]["job_id"], new_jobs[i].pixels, top_k) for i in prepared],
+            [FetchTask(r["job_id"], r["source"], top_k) for r in records if r["status"] == "fetching"],
+        )
     except (OperationalError, RedisError, OSError) as exc:
         log.warning("could not queue batch %s: %s", batch_id, exc)
         try:
             store.delete_batch(batch_id, [r["job_id"] for r in records])
         except RedisError:
             pass  # Redis is gone: the 503 tells the client; the records expire with retention
-        raise ApiError(503, "service_unavailable", "The job queue is unavailable right now; "
-                       "nothing was queued. Try again shortly.", {"Retry-After": "5"}) from None
+        raise unavailable("nothing was queued") from None
+    for i, image in prepared.items():
+        current_app.extensions["images"].keep(image.sha256, items[i].data, image.thumbnail)
     for r in records:
         JOBS_SUBMITTED.labels(r["source_type"]).inc()
         if r["status"] == "failed":
             JOBS_FINISHED.labels("failed", r["error_code"]).inc()
     log.info("batch submitted", extra={"batch_id": batch_id, "jobs": len(records)})
-    jobs = [{"job_id": r["job_id"], "source": {"type": r["source_type"], "value": r["source"]},
-             "status": r["status"],
-             **({"error": {"code": r["error_code"], "message": r["error_message"]}}
-                if r["status"] == "failed" else {})} for r in records]
-    return batch_id, jobs
+    return batch_id, records
+
+
+def _prepare_upload(item: Upload, settings: Settings) -> PreparedImage:
+    if item.data is None:
+        raise ImageRefused(
+            "file_too_large", f"{item.filename} is larger than {settings.max_upload_bytes // (1024 * 1024)} MB.", 413
+        )
+    return prepare(item.data, settings.max_image_pixels)

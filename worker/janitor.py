@@ -1,4 +1,5 @@
-"""Re-queue jobs whose task message was lost.
+"""Housekeeping one worker at a time does: re-queue jobs whose task message was lost, and
+delete stored images past the retention period.
 
 Kombu's Redis transport takes a message off the queue (BRPOP) and then, in a second command,
 records it as unacknowledged. If Redis goes away between the two, the message is gone while
@@ -9,40 +10,25 @@ waited longer than twice the visibility timeout, is older than the oldest messag
 its queue (queues are first in, first out), and no worker holds its message. A spurious
 re-queue would cost only work: results are written once.
 """
+
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 
-from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, decode_pixels, enqueue
+from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, FetchTask, PredictTask, enqueue
+from shared.schemas import FINAL_STATUSES, TOP_K_DEFAULT
 
-log = logging.getLogger("worker.janitor")
+log = logging.getLogger(__name__)
 
 
 def oldest_waiting(store, queue: str) -> float | None:
     """When the oldest message still in `queue` was queued (inf if none; None if unknown)."""
-    raw = store.r.lindex(queue, -1)  # kombu LPUSHes and BRPOPs: the right end is the oldest
-    if raw is None:
+    task_id = store.oldest_waiting_task_id(queue)
+    if task_id == "":
         return math.inf
-    try:
-        job_id = json.loads(raw)["headers"]["id"]  # task ids are job ids
-    except (ValueError, KeyError, TypeError):
-        return None
-    return store.pending_score(job_id)
-
-
-def unacknowledged(store) -> set[str]:
-    """Job ids of messages a worker holds (kombu keeps them in the `unacked` hash as
-    [message, exchange, routing_key]): those come back by themselves if their worker dies."""
-    ids = set()
-    for _, raw in store.r.hscan_iter("unacked", count=500):
-        try:
-            ids.add(json.loads(raw)[0]["headers"]["id"])
-        except (ValueError, KeyError, TypeError, IndexError):
-            pass
-    return ids
+    return None if task_id is None else store.pending_score(task_id)
 
 
 def rescue_lost_tasks(state, now: float | None = None) -> int:
@@ -55,24 +41,41 @@ def rescue_lost_tasks(state, now: float | None = None) -> int:
     if not candidates:
         return 0
     oldest = {q: oldest_waiting(store, q) for q in (PREDICT_QUEUE, FETCH_QUEUE)}
-    held = unacknowledged(store)
+    held = store.unacknowledged_task_ids()
     predictions, fetches, gone = [], [], []
-    for (job_id, score), rec in zip(candidates, store.requeue_fields([j for j, _ in candidates])):
-        top_k = int(rec["top_k"] or 3)
-        if rec["status"] is None or rec["status"] in ("done", "failed"):
+    for (job_id, score), rec in zip(candidates, store.requeue_fields([j for j, _ in candidates]), strict=True):
+        top_k = int(rec["top_k"] or TOP_K_DEFAULT)
+        if rec["status"] is None or rec["status"] in FINAL_STATUSES:
             gone.append(job_id)  # expired or finished: nothing to wait for
         elif job_id in held and score > now - 3 * vt:
             continue  # Celery redelivers it if its worker died; past three timeouts, stop trusting that
-        elif rec["status"] == "queued" and rec["pixels"] and oldest[PREDICT_QUEUE] is not None \
-                and score < oldest[PREDICT_QUEUE]:
-            predictions.append((job_id, decode_pixels(rec["pixels"]), top_k))
-        elif rec["status"] == "fetching" and not int(rec["fetch_attempts"] or 0) \
-                and oldest[FETCH_QUEUE] is not None and score < oldest[FETCH_QUEUE]:
-            fetches.append((job_id, rec["source"], top_k))
+        elif (
+            rec["status"] == "queued"
+            and rec["pixels"]
+            and oldest[PREDICT_QUEUE] is not None
+            and score < oldest[PREDICT_QUEUE]
+        ):
+            predictions.append(PredictTask(job_id, rec["pixels"], top_k))
+        elif (
+            rec["status"] == "fetching"
+            and not int(rec["fetch_attempts"] or 0)
+            and oldest[FETCH_QUEUE] is not None
+            and score < oldest[FETCH_QUEUE]
+        ):
+            fetches.append(FetchTask(job_id, rec["source"], top_k))
     store.forget_pending(gone)
     if predictions or fetches:
         enqueue(state.celery, predictions, fetches)
-        ids = [j for j, *_ in predictions + fetches]
+        ids = [t.job_id for t in predictions + fetches]
         store.touch_pending(ids, now)
         log.warning("re-queued %d lost tasks", len(ids), extra={"job_ids": ids})
     return len(predictions) + len(fetches)
+
+
+def sweep_expired_images(state) -> int:
+    """Job records expire in Redis by themselves; the stored images they point at are deleted
+    here, by the fetch worker that takes the hourly lock."""
+    removed = state.images.sweep(state.settings.retention_seconds)
+    if removed:
+        log.info("swept %d expired image files", removed)
+    return removed

@@ -3,12 +3,13 @@
 Screenshots of each state go to test-output/screenshots/; the assertions check the layout
 (elements visible, inside the viewport, not overlapping) as well as the content.
 """
+
 import os
 import shutil
 
 import pytest
 
-from tests.conftest import OUTPUT_DIR, image_bytes, noise_png
+from tests.helpers import OUTPUT_DIR, image_bytes, noise_png
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = OUTPUT_DIR / "screenshots"
@@ -22,11 +23,20 @@ def browser():
             pytest.fail("CI must have chromium (.ci/run installs it)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
         yield b
         b.close()
 
@@ -63,8 +73,13 @@ def test_upload_files_and_watch_results_arrive(url_stack, page, tmp_path):
     stack, _ = url_stack
     page.goto(stack.url + "/")
     page.screenshot(path=SHOTS / "1-empty.png", full_page=True)
-    page.set_input_files("#images", files(tmp_path, [(f"photo{i}.png", noise_png(i)) for i in range(4)]
-                                          + [("notes.jpg", b"this is text, not a picture")]))
+    page.set_input_files(
+        "#images",
+        files(
+            tmp_path,
+            [(f"photo{i}.png", noise_png(i)) for i in range(4)] + [("notes.jpg", b"this is text, not a picture")],
+        ),
+    )
     assert page.locator("#previews li").count() == 5  # previews before submitting
     page.screenshot(path=SHOTS / "2-selected.png", full_page=True)
     page.click("#submit")
@@ -94,8 +109,12 @@ def test_upload_files_and_watch_results_arrive(url_stack, page, tmp_path):
     for a in boxes:
         for b in boxes:
             if a is not b:
-                assert a["x"] + a["width"] <= b["x"] + 1 or b["x"] + b["width"] <= a["x"] + 1 or \
-                    a["y"] + a["height"] <= b["y"] + 1 or b["y"] + b["height"] <= a["y"] + 1
+                assert (
+                    a["x"] + a["width"] <= b["x"] + 1
+                    or b["x"] + b["width"] <= a["x"] + 1
+                    or a["y"] + a["height"] <= b["y"] + 1
+                    or b["y"] + b["height"] <= a["y"] + 1
+                )
     assert inside_viewport(page, ".results")
     # Downloads: CSV and JSON of the batch.
     with page.expect_download() as dl:

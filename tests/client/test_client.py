@@ -1,4 +1,5 @@
 """The command-line client against the real running service."""
+
 import http.server
 import json
 import threading
@@ -7,7 +8,7 @@ import pytest
 
 from client.api import Client
 from client.submit import submit
-from tests.conftest import image_bytes, noise_png
+from tests.helpers import image_bytes, noise_png
 
 
 def read_jsonl(path):
@@ -40,6 +41,7 @@ def test_a_folder_of_images_to_csv(url_stack, tmp_path):
     out = tmp_path / "r.csv"
     submit(Client(stack.url), folder, out)
     import csv
+
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 4 and all(r["status"] == "done" and r["label_1"] and r["label_3"] for r in rows)
 
@@ -51,9 +53,14 @@ def test_an_interrupted_run_resumes_without_resubmitting(url_stack, tmp_path):
     out = tmp_path / "results.jsonl"
 
     class StopAfterFirstResults:
-        def start(self, total, done): pass
-        def advance(self, n, failed=0): raise KeyboardInterrupt
-        def stop(self): pass
+        def start(self, total, done):
+            pass
+
+        def advance(self, n, failed=0):
+            raise KeyboardInterrupt
+
+        def stop(self):
+            pass
 
     with pytest.raises(KeyboardInterrupt):
         submit(Client(stack.url), src, out, batch_size=2, progress=StopAfterFirstResults())
@@ -70,6 +77,7 @@ def test_an_interrupted_run_resumes_without_resubmitting(url_stack, tmp_path):
 def test_get_prints_a_batch_or_a_job(url_stack, tmp_path, capsys):
     stack, _ = url_stack
     from client.__main__ import main
+
     body = Client(stack.url).submit_files([_write(tmp_path / "a.png", noise_png(1))])
     assert main(["--server", stack.url, "get", body["batch_id"]]) == 0
     assert json.loads(capsys.readouterr().out)["batch_id"] == body["batch_id"]
@@ -84,15 +92,20 @@ def _write(path, data):
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
     """429 twice (Retry-After 0), then 503 once, then a batch."""
+
     calls = []
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         _Flaky.calls.append(1)
         n = len(_Flaky.calls)
-        status, body = (429, {"error": {"code": "rate_limited", "message": "slow down"}}) if n <= 2 else \
-            (503, {"error": {"code": "service_unavailable", "message": "later"}}) if n == 3 else \
-            (202, {"batch_id": "b" * 32, "jobs": []})
+        status, body = (
+            (429, {"error": {"code": "rate_limited", "message": "slow down"}})
+            if n <= 2
+            else (503, {"error": {"code": "service_unavailable", "message": "later"}})
+            if n == 3
+            else (202, {"batch_id": "b" * 32, "jobs": []})
+        )
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Retry-After", "0")
@@ -110,7 +123,9 @@ def test_the_client_retries_429_and_503():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     slept = []
     try:
-        body = Client(f"http://127.0.0.1:{server.server_address[1]}", sleep=slept.append).submit_urls(["https://x/a.jpg"])
+        body = Client(f"http://127.0.0.1:{server.server_address[1]}", sleep=slept.append).submit_urls(
+            ["https://x/a.jpg"]
+        )
     finally:
         server.shutdown()
     assert body["batch_id"] == "b" * 32 and len(_Flaky.calls) == 4 and slept == [0.0, 0.0, 0.0]

@@ -3,6 +3,7 @@ them to the running service over HTTP. No response may be a 5xx, and each must m
 
 (schemathesis's pytest plugin does not run under pytest 9 yet, so the operations are driven
 here with Hypothesis directly: the same strategies and checks.)"""
+
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -19,8 +20,10 @@ def test_no_server_errors_and_documented_responses(stack_factory):
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) == 6
     for operation in operations:
+
         @given(case=operation.as_strategy())
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             case.call_and_validate(base_url=stack.url, checks=CHECKS)
+
         check()

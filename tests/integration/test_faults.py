@@ -3,8 +3,8 @@
 Real redis-server, real worker processes, the web server over HTTP. VISIBILITY_TIMEOUT is 5 s
 here (60 s by default), so a dead worker's tasks come back within seconds.
 """
-import io
-import os
+
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,26 +14,11 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from PIL import Image
 
-from tests.conftest import REPO_ROOT, RedisServer, env_for, noise_png
-from tests.integration.test_service import post_images
-
-
-def black_png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (0, 0, 0)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def wait_status(stack, batch_id, key, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = requests.get(f"{stack.url}/api/v1/batches/{batch_id}", timeout=10).json()
-        if batch["counts"][key] > 0:
-            return batch
-        assert time.monotonic() < deadline, batch["counts"]
-        time.sleep(0.05)
+from shared.images import encode_pixels
+from shared.queue import PredictTask, celery_init_app, enqueue
+from shared.settings import REPO_ROOT
+from tests.helpers import RedisServer, Stack, black_png, child_env, noise_png, post_images, wait_status
 
 
 def pool_child(worker: subprocess.Popen) -> psutil.Process:
@@ -50,7 +35,7 @@ def pool_child(worker: subprocess.Popen) -> psutil.Process:
 
 def test_a_killed_pool_child_loses_nothing(stack_factory):
     stack = stack_factory()
-    worker = stack.add_worker("predict", WORKER_TEST_DELAY_S=2)
+    worker = stack.add_worker("predict", faults={"delay_s": 2})
     stack.wait_ready()
     batch_id = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(3)]).json()["batch_id"]
     wait_status(stack, batch_id, "running")
@@ -63,7 +48,7 @@ def test_a_killed_pool_child_loses_nothing(stack_factory):
 
 def test_sigterm_finishes_the_job_in_hand_then_exits(stack_factory):
     stack = stack_factory()
-    worker = stack.add_worker("predict", WORKER_TEST_DELAY_S=2)
+    worker = stack.add_worker("predict", faults={"delay_s": 2})
     stack.wait_ready()
     batch_id = post_images(stack, [("a.png", noise_png(1))]).json()["batch_id"]
     wait_status(stack, batch_id, "running")
@@ -76,7 +61,7 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(stack_factory):
 def test_a_poison_image_fails_alone_after_bounded_attempts(stack_factory):
     # An all-black image kills the process that predicts it, every time.
     stack = stack_factory(task_max_attempts=2)
-    stack.add_worker("predict", WORKER_TEST_CRASH_ON_BLACK=1)
+    stack.add_worker("predict", faults={"crash_on_black": 1})
     stack.wait_ready()
     files = [("poison.png", black_png())] + [(f"{i}.png", noise_png(i)) for i in range(3)]
     batch = stack.wait_batch(post_images(stack, files).json()["batch_id"], timeout=150)
@@ -87,7 +72,7 @@ def test_a_poison_image_fails_alone_after_bounded_attempts(stack_factory):
 
 def test_a_slow_model_call_fails_with_timeout_instead_of_holding_the_worker(stack_factory):
     stack = stack_factory(task_soft_time_limit=1.0)
-    stack.add_worker("predict", WORKER_TEST_DELAY_S=3)
+    stack.add_worker("predict", faults={"delay_s": 3})
     stack.wait_ready()
     batch = stack.wait_batch(post_images(stack, [("a.png", noise_png(1))]).json()["batch_id"], timeout=60)
     job = batch["jobs"][0]
@@ -95,7 +80,6 @@ def test_a_slow_model_call_fails_with_timeout_instead_of_holding_the_worker(stac
 
 
 def test_the_same_task_delivered_twice_gives_one_result(stack_factory):
-    from shared.queue import celery_init_app, enqueue
     stack = stack_factory()
     stack.add_worker("predict")
     stack.wait_ready()
@@ -103,21 +87,25 @@ def test_the_same_task_delivered_twice_gives_one_result(stack_factory):
     batch = stack.wait_batch(body["batch_id"])
     first = batch["jobs"][0]
     # Deliver the same job's task again, as a broker might after a lost acknowledgement.
-    enqueue(celery_init_app(stack.settings), [(first["job_id"], np.zeros((32, 32, 3), np.uint8), 3)], [])
+    enqueue(
+        celery_init_app(stack.settings),
+        [PredictTask(first["job_id"], encode_pixels(np.zeros((32, 32, 3), np.uint8)), 3)],
+        [],
+    )
     time.sleep(2)
     again = requests.get(f"{stack.url}/api/v1/batches/{body['batch_id']}", timeout=10).json()
     assert again["jobs"][0] == first and again["counts"]["done"] == 1 and sum(again["counts"].values()) == 1
 
 
 def test_a_pickled_message_is_refused_not_run(stack_factory):
-    from shared.queue import celery_init_app
     stack = stack_factory()
     stack.add_worker("predict")
     stack.wait_ready()
     app = celery_init_app(stack.settings)
     app.conf.accept_content = ["json", "pickle"]  # a producer that would send pickle
-    app.send_task("predict", kwargs={"job_id": "0" * 32, "pixels": "", "top_k": 3}, serializer="pickle",
-                  queue="predict")
+    app.send_task(
+        "predict", kwargs={"job_id": "0" * 32, "pixels": "", "top_k": 3}, serializer="pickle", queue="predict"
+    )
     deadline = time.monotonic() + 20
     while "ContentDisallowed" not in stack.worker_logs() and "disallowed" not in stack.worker_logs().lower():
         assert time.monotonic() < deadline, stack.worker_logs()
@@ -128,12 +116,11 @@ def test_a_pickled_message_is_refused_not_run(stack_factory):
 
 
 def test_redis_restarted_mid_batch_with_aof_loses_nothing(settings_factory, tmp_path):
-    from tests.conftest import Stack
     redis_server = RedisServer(tmp_path / "aof", appendonly=True)
     try:
         stack = Stack(settings_factory(redis_url=redis_server.url), redis_server, tmp_path)
         try:
-            stack.add_worker("predict", WORKER_TEST_DELAY_S=0.5)  # about 4 s for the 500
+            stack.add_worker("predict", faults={"delay_s": 0.5})  # about 4 s for the 500
             stack.wait_ready()
             batch_id = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(500)]).json()["batch_id"]
             before = wait_status(stack, batch_id, "done", timeout=60)
@@ -173,17 +160,19 @@ def test_redis_down_refuses_quickly_stores_nothing_and_recovers(stack_factory, t
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_a_worker_with_a_bad_model_exits_at_once_with_a_clear_message(settings_factory, tiny_model_dir, tmp_path, damage):
-    import shutil
+def test_a_worker_with_a_bad_model_exits_at_once_with_a_clear_message(
+    settings_factory, tiny_model_dir, tmp_path, damage
+):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     if damage == "missing":
         (model / "model.keras").unlink()
     else:
         (model / "model.keras").write_bytes(b"\0" * 1000)
-    env = env_for(settings_factory(model_dir=model))
+    env = child_env(settings_factory(model_dir=model))
     t0 = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 2 and time.monotonic() - t0 < 15
     assert str(model) in run.stderr and ("expected" in run.stderr or "checksum" in run.stderr)

@@ -1,18 +1,18 @@
 """Worker metrics on their own port, and JSON logs that carry the job id."""
+
 import json
 import time
 
 import requests
 
-from tests.conftest import noise_png
-from tests.integration.test_service import post_images
+from tests.helpers import metric, noise_png, post_images
 from tools.stack import free_port
 
 
 def test_worker_metrics_and_job_ids_in_logs(stack_factory, image_server):
     stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{image_server.port}"}))
     metrics_port = free_port()
-    stack.add_worker(WORKER_METRICS_PORT=metrics_port, LOG_JSON=1)
+    stack.add_worker(worker_metrics_port=metrics_port, log_json=True)
     stack.wait_ready()
     batch_id = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(5)]).json()["batch_id"]
     stack.wait_batch(batch_id)
@@ -22,7 +22,7 @@ def test_worker_metrics_and_job_ids_in_logs(stack_factory, image_server):
     stack.wait_batch(url_batch["batch_id"])
 
     text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    count = lambda name: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    count = lambda name: metric(text, name)
     assert count("prediction_batch_size_count") >= 2  # batches formed: the 5 images, then the URL's
     assert count("prediction_batch_size_sum") == 6
     assert count("model_latency_seconds_count") >= 2

@@ -1,4 +1,5 @@
 """The whole service with real parts: gunicorn over HTTP, Celery worker processes, redis-server."""
+
 import os
 import signal
 import time
@@ -6,13 +7,8 @@ import time
 import pytest
 import requests
 
-from shared.predictor import read_model_info
-from tests.conftest import CLASSES, noise_png
-
-
-def post_images(stack, files, path="/api/v1/batches", **form):
-    return requests.post(stack.url + path, files=[("images", (name, data)) for name, data in files],
-                         data=form, timeout=60)
+from shared.modeldir import read_model_info
+from tests.helpers import CLASSES, noise_png, post_images
 
 
 @pytest.fixture
@@ -76,15 +72,10 @@ def test_a_non_image_upload_is_415(stack):
     assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_format"
 
 
-def _pool_children(pid: int) -> list[int]:
-    import psutil
-    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-
-
 def test_a_worker_killed_mid_job_loses_nothing(stack_factory):
     # A slow model (a 2 s sleep per batch) makes sure the kill lands mid-prediction.
     stack = stack_factory()
-    first = stack.add_worker("predict", WORKER_TEST_DELAY_S=2)
+    first = stack.add_worker("predict", faults={"delay_s": 2})
     stack.wait_ready()
     resp = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(5)])
     batch_id = resp.json()["batch_id"]

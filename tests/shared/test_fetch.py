@@ -1,4 +1,5 @@
 """The URL fetcher against local HTTP servers: what it fetches, and every way it refuses."""
+
 import gzip
 import http.server
 import socket
@@ -9,10 +10,10 @@ import pytest
 
 from shared import fetch as fetch_module
 from shared.fetch import UrlRefused, check_url, fetch
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 PNG = image_bytes("PNG")
-BOMB = gzip.compress(b"\0" * (50 * 2 ** 20))  # 50 MB of zeros in about 50 KB
+BOMB = gzip.compress(b"\0" * (50 * 2**20))  # 50 MB of zeros in about 50 KB
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,7 +50,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if route == "/huge-declared":
             self.send_response(200)
-            self.send_header("Content-Length", str(10 ** 9))
+            self.send_header("Content-Length", str(10**9))
             self.end_headers()
             return
         if route == "/endless":
@@ -119,23 +120,45 @@ def test_loopback_is_refused_unless_explicitly_allowed(server):
     assert Handler.hits == []
 
 
-@pytest.mark.parametrize("url", [
-    "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.com/a.jpg", "javascript:alert(1)",
-    "http://127.0.0.1/", "http://localhost/", "http://[::1]/", "http://[::ffff:127.0.0.1]/",
-    "http://2130706433/", "http://0x7f000001/", "http://017700000001/", "http://127.1/",
-    "http://0.0.0.0/", "http://0/", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/",
-    "http://192.168.1.1/", "http://172.16.0.1/", "http://100.64.0.1/", "http://224.0.0.1/",
-    "http://[fe80::1]/", "http://[fc00::1]/", "http://example.com@127.0.0.1/", "http://user:pw@example.com/",
-    "http://example.com:8080/a.jpg",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:70/",
+        "ftp://example.com/a.jpg",
+        "javascript:alert(1)",
+        "http://127.0.0.1/",
+        "http://localhost/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://2130706433/",
+        "http://0x7f000001/",
+        "http://017700000001/",
+        "http://127.1/",
+        "http://0.0.0.0/",
+        "http://0/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://192.168.1.1/",
+        "http://172.16.0.1/",
+        "http://100.64.0.1/",
+        "http://224.0.0.1/",
+        "http://[fe80::1]/",
+        "http://[fc00::1]/",
+        "http://example.com@127.0.0.1/",
+        "http://user:pw@example.com/",
+        "http://example.com:8080/a.jpg",
+    ],
+)
 def test_refused_urls(url):
     with pytest.raises(UrlRefused) as e:
         check_url(url)
     assert e.value.code in ("url_not_allowed", "invalid_url")
 
 
-@pytest.mark.parametrize("url", ["", "http://", "http:///a.jpg", "http://exa mple.com/", "http://x/\n",
-                                 "http://" + "a" * 3000 + ".com/"])
+@pytest.mark.parametrize(
+    "url", ["", "http://", "http:///a.jpg", "http://exa mple.com/", "http://x/\n", "http://" + "a" * 3000 + ".com/"]
+)
 def test_malformed_urls(url):
     with pytest.raises(UrlRefused) as e:
         check_url(url)
@@ -178,13 +201,14 @@ def test_an_endless_body_is_cut_at_the_cap(server):
 
 def test_a_gzip_bomb_is_not_inflated_past_the_cap(server):
     import tracemalloc
+
     tracemalloc.start()
     try:
         refused(base(server) + "/gzip-bomb", "file_too_large", allow_hosts=allowed(server), max_bytes=1_000_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 * 2 ** 20  # it never held the 50 MB
+    assert peak < 8 * 2**20  # it never held the 50 MB
 
 
 def test_gzip_encoded_images_are_decoded(server):
@@ -199,14 +223,17 @@ def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
     """DNS rebinding: the name resolves to a public address when checked; were it resolved
     again at connect time it would give loopback, where our server listens. It must not."""
     port = server.server_address[1]
-    answers = [[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))],
-               [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]]
+    answers = [
+        [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))],
+        [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))],
+    ]
     real = socket.getaddrinfo
 
     def fake(host, *a, **kw):
         if host == "rebind.test":
             return answers.pop(0) if len(answers) > 1 else answers[0]
         return real(host, *a, **kw)
+
     monkeypatch.setattr(fetch_module.socket, "getaddrinfo", fake)
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     with pytest.raises(UrlRefused):

@@ -1,4 +1,5 @@
 """The one image path: what is accepted, how it becomes the model's input, what is refused."""
+
 import io
 import struct
 import zlib
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.images import ImageRejected, check_image, preprocess, to_model_input
-from tests.conftest import image_bytes
+from shared.images import ImageRefused, check_image, preprocess, to_model_input
+from tests.helpers import image_bytes
 
 
 def test_a_32px_image_passes_through_unchanged():
@@ -96,29 +97,32 @@ def test_common_formats_are_accepted(fmt):
     assert check_image(image_bytes(fmt)).format == fmt
 
 
-@pytest.mark.parametrize("data,code", [
-    (b"", "empty_file"),
-    (b"hello, I am text renamed to cat.jpg", "unsupported_format"),
-    (b"<html><body>not an image</body></html>", "unsupported_format"),
-    (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "unsupported_format"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n", "unsupported_format"),  # EPS would run Ghostscript
-])
+@pytest.mark.parametrize(
+    "data,code",
+    [
+        (b"", "empty_file"),
+        (b"hello, I am text renamed to cat.jpg", "unsupported_format"),
+        (b"<html><body>not an image</body></html>", "unsupported_format"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "unsupported_format"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "unsupported_format"),  # EPS would run Ghostscript
+    ],
+)
 def test_non_images_are_refused(data, code):
-    with pytest.raises(ImageRejected) as e:
+    with pytest.raises(ImageRefused) as e:
         check_image(data)
     assert e.value.code == code and e.value.status in (400, 415)
 
 
 def test_truncated_jpeg_is_refused():
     data = image_bytes("JPEG", size=(300, 300), quality=95)
-    with pytest.raises(ImageRejected) as e:
+    with pytest.raises(ImageRefused) as e:
         check_image(data[: len(data) // 2])
     assert e.value.code == "corrupt_image"
 
 
 def test_heic_is_refused_by_name():
     heic = struct.pack(">I", 24) + b"ftypheic" + b"\0" * 12
-    with pytest.raises(ImageRejected) as e:
+    with pytest.raises(ImageRefused) as e:
         check_image(heic)
     assert e.value.status == 415 and "HEIC" in e.value.message
 
@@ -127,15 +131,15 @@ def test_decompression_bomb_is_refused_before_decoding():
     # A tiny PNG header claiming 50000 x 50000 pixels.
     data = image_bytes("PNG", size=(1, 1))
     i = data.index(b"IHDR")
-    body = b"IHDR" + struct.pack(">II", 50000, 50000) + data[i + 12:i + 17]
-    bomb = data[:i] + body + struct.pack(">I", zlib.crc32(body)) + data[i + 21:]
-    with pytest.raises(ImageRejected) as e:
+    body = b"IHDR" + struct.pack(">II", 50000, 50000) + data[i + 12 : i + 17]
+    bomb = data[:i] + body + struct.pack(">I", zlib.crc32(body)) + data[i + 21 :]
+    with pytest.raises(ImageRefused) as e:
         check_image(bomb, max_pixels=40_000_000)
     assert e.value.code == "too_many_pixels" and e.value.status == 413
 
 
 def test_pixel_limit_is_a_parameter():
-    with pytest.raises(ImageRejected):
+    with pytest.raises(ImageRefused):
         check_image(image_bytes("PNG", size=(100, 100)), max_pixels=5000)
     assert check_image(image_bytes("PNG", size=(100, 100)), max_pixels=10000)
 
@@ -149,6 +153,7 @@ def test_to_model_input_of_a_tall_image():
 
 def test_avif_is_decoded():
     from PIL import features
+
     if not features.check("avif"):
         pytest.skip("this Pillow has no AVIF decoder")
     assert check_image(image_bytes("AVIF")).format == "AVIF"

@@ -1,15 +1,22 @@
 """Property-based: whatever bytes arrive, the checker accepts them or refuses them cleanly."""
+
 import io
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from shared.images import CheckedImage, ImageRejected, check_image, preprocess
+from shared.images import CheckedImage, ImageRefused, check_image, preprocess
 
-FORMATS = {"PNG": ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"], "JPEG": ["RGB", "L", "CMYK"],
-           "WEBP": ["RGB", "RGBA"], "GIF": ["P", "L"], "BMP": ["RGB", "L", "P"],
-           "TIFF": ["RGB", "RGBA", "L", "CMYK", "I;16"]}
+FORMATS = {
+    "PNG": ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"],
+    "JPEG": ["RGB", "L", "CMYK"],
+    "WEBP": ["RGB", "RGBA"],
+    "GIF": ["P", "L"],
+    "BMP": ["RGB", "L", "P"],
+    "TIFF": ["RGB", "RGBA", "L", "CMYK", "I;16"],
+}
 
 
 @st.composite
@@ -17,7 +24,7 @@ def images(draw):
     fmt = draw(st.sampled_from(sorted(FORMATS)))
     mode = draw(st.sampled_from(FORMATS[fmt]))
     w, h = draw(st.integers(1, 300)), draw(st.integers(1, 300))
-    seed = draw(st.integers(0, 2 ** 16))
+    seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     base = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     img = base.convert(mode) if mode != "I;16" else Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
@@ -29,7 +36,7 @@ def images(draw):
 def accepted_or_refused(data: bytes):
     try:
         result = check_image(data, max_pixels=1_000_000)
-    except ImageRejected as e:
+    except ImageRefused as e:
         assert e.code and e.message and e.status in (400, 413, 415)
         return None
     assert isinstance(result, CheckedImage) and result.image.mode == "RGB"
@@ -55,7 +62,7 @@ def test_damaged_images_are_accepted_or_refused_cleanly(data, draw):
     mode = draw.draw(st.sampled_from(["truncate", "flip", "splice"]))
     b = bytearray(data)
     if mode == "truncate":
-        b = b[:draw.draw(st.integers(0, len(b)))]
+        b = b[: draw.draw(st.integers(0, len(b)))]
     elif mode == "flip":
         for _ in range(draw.draw(st.integers(1, 20))):
             i = draw.draw(st.integers(0, len(b) - 1))

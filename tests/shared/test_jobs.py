@@ -1,10 +1,12 @@
 """Job records in a real Redis: creation, transitions, counts, exactly-once results, expiry."""
+
 import threading
 import time
 
 import pytest
 
-from shared.jobs import JobStore, NewJob
+from shared.jobstore import JobStore, NewJob
+from tests.helpers import public_batch, public_job
 
 MODEL = {"name": "m", "version": "1"}
 
@@ -16,9 +18,14 @@ def store(redis_url):
 
 def test_a_batch_is_created_with_counts_and_jobs_in_order(store):
     batch_id, records = store.create_batch(
-        [NewJob("upload", "a.png", "f" * 64), NewJob("url", "http://x/y.jpg", status="fetching"),
-         NewJob("upload", "bad.txt", status="failed", error_code="unsupported_format", error_message="no")], 3)
-    batch = store.get_batch(batch_id)
+        [
+            NewJob("upload", "a.png", "f" * 64),
+            NewJob("url", "http://x/y.jpg", status="fetching"),
+            NewJob("upload", "bad.txt", status="failed", error_code="unsupported_format", error_message="no"),
+        ],
+        3,
+    )
+    batch = public_batch(store, batch_id)
     assert batch["total"] == 3 and not batch["finished"]
     assert batch["counts"] == {"queued": 1, "fetching": 1, "running": 0, "done": 0, "failed": 1}
     assert [j["job_id"] for j in batch["jobs"]] == [r["job_id"] for r in records]
@@ -27,21 +34,21 @@ def test_a_batch_is_created_with_counts_and_jobs_in_order(store):
 
 
 def test_unknown_ids_are_none(store):
-    assert store.get_job("0" * 32) is None and store.get_batch("0" * 32) is None
+    assert public_job(store, "0" * 32) is None and public_batch(store, "0" * 32) is None
 
 
 def test_lifecycle_counts_and_attempts(store):
     batch_id, [rec] = store.create_batch([NewJob("upload", "a.png")], 3)
     job_id = rec["job_id"]
     assert store.mark_running([job_id]) == [(1, 1)]
-    assert store.get_batch(batch_id)["counts"]["running"] == 1
+    assert public_batch(store, batch_id)["counts"]["running"] == 1
     assert store.mark_running([job_id]) == [(1, 2)]  # a redelivery counts another attempt
     preds = [{"label": "cat", "probability": 0.9}]
     assert store.complete([job_id], [preds], MODEL) == [(1, 0)]
-    job = store.get_job(job_id)
+    job = public_job(store, job_id)
     assert job["status"] == "done" and job["predictions"] == preds and job["model"] == MODEL
     assert job["finished_at"] and job["attempts"] == 2
-    batch = store.get_batch(batch_id)
+    batch = public_batch(store, batch_id)
     assert batch["finished"] and batch["counts"]["done"] == 1 and batch["counts"]["running"] == 0
 
 
@@ -52,7 +59,7 @@ def test_a_finished_job_never_changes_again(store):
     assert store.complete([job_id], [[{"label": "dog", "probability": 0.8}]], MODEL) == [(0, 0)]
     assert store.fail([job_id], "x", "y") == [(0, 0)]
     assert store.mark_running([job_id]) == [(0, 0)]
-    job = store.get_job(job_id)
+    job = public_job(store, job_id)
     assert job["status"] == "done" and job["predictions"][0]["label"] == "cat"
 
 
@@ -65,7 +72,7 @@ def test_concurrent_duplicate_completions_count_once(store):
         t.start()
     for t in threads:
         t.join()
-    batch = store.get_batch(batch_id)
+    batch = public_batch(store, batch_id)
     assert batch["counts"]["done"] == 50 and sum(batch["counts"].values()) == 50
 
 
@@ -74,7 +81,7 @@ def test_url_jobs_move_from_fetching_to_queued(store):
     job_id = rec["job_id"]
     assert store.mark_fetching(job_id) == (1, 1)
     assert store.mark_fetched(job_id, "a" * 64, "cGl4ZWxz")[0] == 1
-    job = store.get_job(job_id)
+    job = public_job(store, job_id)
     assert job["status"] == "queued" and job["image"] == "a" * 64
 
 
@@ -82,7 +89,7 @@ def test_records_expire_after_the_retention_period(redis_url):
     store = JobStore.from_url(redis_url, retention_seconds=1)
     batch_id, [rec] = store.create_batch([NewJob("upload", "a.png")], 3)
     time.sleep(2.1)
-    assert store.get_job(rec["job_id"]) is None and store.get_batch(batch_id) is None
+    assert public_job(store, rec["job_id"]) is None and public_batch(store, batch_id) is None
 
 
 def test_wait_for_change_returns_on_a_change_and_times_out_otherwise(store):
@@ -98,10 +105,10 @@ def test_wait_for_change_returns_on_a_change_and_times_out_otherwise(store):
 
 def test_since_a_version_only_changed_jobs_are_read(store):
     batch_id, records = store.create_batch([NewJob("upload", f"{i}.png") for i in range(5)], 3)
-    v0 = store.get_batch(batch_id)["version"]
+    v0 = public_batch(store, batch_id)["version"]
     store.mark_running([records[1]["job_id"], records[3]["job_id"]])
-    changed = store.get_batch(batch_id, since=v0)
+    changed = public_batch(store, batch_id, since=v0)
     assert [j["job_id"] for j in changed["jobs"]] == [records[1]["job_id"], records[3]["job_id"]]
     assert changed["counts"]["running"] == 2 and changed["total"] == 5
-    assert store.get_batch(batch_id, since=changed["version"])["jobs"] == []
-    assert len(store.get_batch(batch_id)["jobs"]) == 5
+    assert public_batch(store, batch_id, since=changed["version"])["jobs"] == []
+    assert len(public_batch(store, batch_id)["jobs"]) == 5

@@ -1,12 +1,13 @@
 """Dataset loading from archives the tests build: image folders and the official CIFAR format."""
+
 import io
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import make_tar
 from training import data
 from training.data import DatasetError, load_dataset, verify_md5
 
@@ -31,12 +32,6 @@ def make_image_folder(root, classes=("cat", "ship"), per_class=3, top="mydata"):
             for j in range(per_class):
                 (folder / f"{j}.png").write_bytes(_png((i * 100, j * 10, 50)))
     return root / top
-
-
-def make_tar(folder, path):
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
-    return path
 
 
 def make_official(root):
@@ -83,6 +78,7 @@ def test_decoded_data_is_cached_by_checksum(tmp_path, cache):
     assert [p.stem for p in cached] == [first.checksum]
     archive.write_bytes(b"")  # were the archive read again, this would fail
     import os
+
     os.utime(archive)
     with pytest.raises(DatasetError):
         load_dataset(archive)  # a changed file has a new checksum: not served from the old cache
@@ -116,6 +112,7 @@ def test_official_batches_refuse_anything_but_arrays(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(DatasetError, match="data_batch_1"):
         load_dataset(folder)
@@ -131,8 +128,9 @@ def test_md5_mismatch_is_an_error_not_a_retry(tmp_path):
 def test_download_uses_the_cached_archive_and_checks_it(tmp_path, monkeypatch):
     (tmp_path / "dl").mkdir()
     (tmp_path / "dl" / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
-    monkeypatch.setattr(data.urllib.request, "urlretrieve",
-                        lambda *a: pytest.fail("must not download when the file is cached"))
+    monkeypatch.setattr(
+        data.urllib.request, "urlretrieve", lambda *a: pytest.fail("must not download when the file is cached")
+    )
     with pytest.raises(DatasetError, match="md5"):
         data.download_official(tmp_path / "dl")
 

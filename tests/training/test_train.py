@@ -1,22 +1,26 @@
 """The recipe end to end on a tiny dataset, the export round trip, and the shipped model."""
+
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from tests.conftest import REPO_ROOT, SHIPPED_MODEL
-from tests.training.test_data import make_tar
+from shared.modeldir import ModelLoadError, read_model_info
+from shared.settings import REPO_ROOT
+from tests.helpers import SHIPPED_MODEL, make_tar
+from training.data import SHARED_JPEG_ARCHIVE
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def make_learnable_dataset(root, per_class=60):
     """Four classes told apart by colour, with noise: a net learns it in a few steps."""
-    from PIL import Image
     rng = np.random.default_rng(0)
     colours = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 220, 40)}
     for split, n in (("train", per_class), ("test", per_class // 3)):
@@ -35,19 +39,41 @@ def trained(tmp_path_factory):
     os.environ["CIFAR_SVC_CACHE"] = str(root / "cache")
     archive = make_learnable_dataset(root)
     out = root / "model"
-    cmd = [sys.executable, "-m", "training.train", "--data", str(archive), "--out", str(out),
-           "--epochs", "3", "--set", "widths=[16,32,32]", "batch_size=48", "val_size=40",
-           "tta_level=1", "whiten_bias_epochs=1", "lookahead_start_epoch=1"]
-    run = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(ENV, CIFAR_SVC_CACHE=str(root / "cache")),
-                         capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--data",
+        str(archive),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--set",
+        "widths=[16,32,32]",
+        "batch_size=48",
+        "val_size=40",
+        "tta_level=1",
+        "whiten_bias_epochs=1",
+        "lookahead_start_epoch=1",
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=dict(ENV, CIFAR_SVC_CACHE=str(root / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return archive, out, run.stdout
 
 
 def test_training_prints_a_line_per_epoch_and_a_summary(trained):
     _, _, stdout = trained
-    epochs = re.findall(r"^epoch\s+(\d+)\s+loss ([\d.]+)\s+train_acc ([\d.]+)\s+val_acc ([\d.]+)\s+([\d.]+)s$",
-                        stdout, re.M)
+    epochs = re.findall(
+        r"^epoch\s+(\d+)\s+loss ([\d.]+)\s+train_acc ([\d.]+)\s+val_acc ([\d.]+)\s+([\d.]+)s$", stdout, re.M
+    )
     assert [int(e[0]) for e in epochs] == [1, 2, 3]
     assert re.search(r"^done: \d+ steps, 3 epochs; training [\d.]+ min", stdout, re.M)
 
@@ -74,8 +100,15 @@ def test_the_model_directory_is_complete(trained):
 
 def test_evaluate_prints_the_accuracy_last(trained):
     archive, out, _ = trained
-    run = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(out), "--data", str(archive)],
-                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", str(out), "--data", str(archive)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     last = run.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"accuracy=[01]\.\d{4}", last)
     meta = json.loads((out / "model.json").read_text())
@@ -101,14 +134,13 @@ a = np.asarray(net(x, training=False))
 b = Predictor({str(tmp_path)!r}).logits(x)
 print(np.abs(a - b).max())
 """
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True,
-                         text=True, check=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=300
+    )
     assert float(run.stdout.strip().splitlines()[-1]) < 1e-5
 
 
 def test_a_corrupt_model_file_is_refused(tmp_path, tiny_model_dir):
-    import shutil
-    from shared.predictor import ModelLoadError, read_model_info
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model_dir, bad)
     with open(bad / "model.keras", "r+b") as f:
@@ -124,7 +156,6 @@ def test_a_corrupt_model_file_is_refused(tmp_path, tiny_model_dir):
 @pytest.mark.skipif(not (SHIPPED_MODEL / "model.json").exists(), reason="no shipped model yet")
 def test_the_shipped_model_knows_some_test_images():
     """A few images of the shipped data copy, classified through the service's own path."""
-    from training.data import SHARED_JPEG_ARCHIVE
     if not SHARED_JPEG_ARCHIVE.exists():
         pytest.skip("../shared/data is not beside the repo")
     code = f"""
@@ -141,8 +172,9 @@ with tarfile.open({str(SHARED_JPEG_ARCHIVE)!r}) as tar:
 pred = p.predict_proba(np.stack(images)).argmax(1)
 print(sum(p.info.classes[i] == n for i, n in zip(pred, names)), len(names))
 """
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True,
-                         text=True, check=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=300
+    )
     right, total = map(int, run.stdout.split()[-2:])
     assert total == 30 and right >= 25  # a 90 % model gets about 27 of 30
 
@@ -151,11 +183,17 @@ print(sum(p.info.classes[i] == n for i, n in zip(pred, names)), len(names))
 @pytest.mark.timeout(1500)
 def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
     """`python -m training.evaluate` on all 10,000 test images gives the accuracy in model.json."""
-    from training.data import SHARED_JPEG_ARCHIVE
     if not SHARED_JPEG_ARCHIVE.exists():
         pytest.skip("../shared/data is not beside the repo")
-    run = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(SHIPPED_MODEL)],
-                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=1200)
+    run = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", str(SHIPPED_MODEL)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1200,
+    )
     last = run.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"accuracy=0\.\d{4}", last), last
     shipped = json.loads((SHIPPED_MODEL / "model.json").read_text())["test"]
@@ -166,10 +204,31 @@ def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
 def test_the_muon_preset_trains_and_learns_too(tmp_path):
     archive = make_learnable_dataset(tmp_path)
     out = tmp_path / "model"
-    cmd = [sys.executable, "-m", "training.train", "--muon", "--data", str(archive), "--out", str(out),
-           "--epochs", "3", "--set", "widths=[16,32,32]", "batch_size=48", "val_size=40", "tta_level=1"]
-    run = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(ENV, CIFAR_SVC_CACHE=str(tmp_path / "cache")),
-                         capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--muon",
+        "--data",
+        str(archive),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--set",
+        "widths=[16,32,32]",
+        "batch_size=48",
+        "val_size=40",
+        "tta_level=1",
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=dict(ENV, CIFAR_SVC_CACHE=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["recipe"]["optimizer"] == "muon" and meta["recipe"]["whiten_bias_epochs"] == 0

@@ -1,23 +1,25 @@
 """The HTTP API's contract, through Flask's test client against a real Redis (no worker)."""
+
+import hashlib
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, image_bytes, noise_png
-
-
-def upload(client, files, path="/api/v1/batches", **form):
-    data = {"images": [(io.BytesIO(b), name) for name, b in files], **form}
-    return client.post(path, data=data, content_type="multipart/form-data")
+from shared.settings import REPO_ROOT
+from tests.helpers import image_bytes, noise_png, upload
+from tools.stack import free_port
+from web import create_app
 
 
 def queued_tasks(app, queue="predict"):
-    r = app.extensions["jobs"].r
-    return [json.loads(m) for m in r.lrange(queue, 0, -1)]
+    return [json.loads(m) for m in app.extensions["jobs"].redis.lrange(queue, 0, -1)]
 
 
 def test_batch_upload_answers_202_with_jobs_links_and_location(client, app):
@@ -81,17 +83,20 @@ def test_a_bad_file_in_a_batch_fails_alone(client, app):
     assert len(queued_tasks(app)) == 1
 
 
-@pytest.mark.parametrize("kwargs,status,code", [
-    (dict(data={}, content_type="multipart/form-data"), 400, "no_images"),
-    (dict(data=b"{not json", content_type="application/json"), 400, "invalid_json"),
-    (dict(json=["a", "list"]), 400, "invalid_json"),
-    (dict(json={"urls": "https://x/a.jpg"}), 400, "invalid_field"),
-    (dict(json={"urls": ["https://x/a.jpg"], "top_k": 11}), 400, "invalid_top_k"),
-    (dict(json={"urls": ["https://x/a.jpg"], "top_k": "three"}), 400, "invalid_top_k"),
-    (dict(data=b"raw bytes", content_type="image/png"), 415, "unsupported_media_type"),
-    (dict(json={"urls": ["ftp://example.com/a.jpg"]}), 400, "url_not_allowed"),
-    (dict(json={"urls": ["http://127.0.0.1/a.jpg"]}), 400, "url_not_allowed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        (dict(data={}, content_type="multipart/form-data"), 400, "no_images"),
+        (dict(data=b"{not json", content_type="application/json"), 400, "invalid_json"),
+        (dict(json=["a", "list"]), 400, "invalid_json"),
+        (dict(json={"urls": "https://x/a.jpg"}), 400, "invalid_field"),
+        (dict(json={"urls": ["https://x/a.jpg"], "top_k": 11}), 400, "invalid_top_k"),
+        (dict(json={"urls": ["https://x/a.jpg"], "top_k": "three"}), 400, "invalid_top_k"),
+        (dict(data=b"raw bytes", content_type="image/png"), 415, "unsupported_media_type"),
+        (dict(json={"urls": ["ftp://example.com/a.jpg"]}), 400, "url_not_allowed"),
+        (dict(json={"urls": ["http://127.0.0.1/a.jpg"]}), 400, "url_not_allowed"),
+    ],
+)
 def test_bad_requests_get_specific_errors(client, kwargs, status, code):
     resp = client.post("/api/v1/batches", **kwargs)
     assert resp.status_code == status, resp.get_json()
@@ -99,21 +104,18 @@ def test_bad_requests_get_specific_errors(client, kwargs, status, code):
 
 
 def test_more_items_than_the_batch_limit_is_413(settings_factory):
-    from web import create_app
     client = create_app(settings_factory(max_batch_items=3)).test_client()
     resp = client.post("/api/v1/batches", json={"urls": [f"https://example.com/{i}.jpg" for i in range(4)]})
     assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "too_many_items"
 
 
 def test_a_request_over_the_size_limit_is_413_json(settings_factory):
-    from web import create_app
     client = create_app(settings_factory(max_request_bytes=50_000)).test_client()
     resp = upload(client, [("big.png", noise_png(3, size=(200, 200)))])
     assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "request_too_large"
 
 
 def test_a_file_over_the_per_image_limit_is_refused(settings_factory):
-    from web import create_app
     client = create_app(settings_factory(max_upload_bytes=1000)).test_client()
     resp = upload(client, [("big.png", noise_png(3, size=(100, 100)))])
     assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "file_too_large"
@@ -123,7 +125,6 @@ def test_uploads_are_stored_under_content_addressed_names(client, app):
     data = noise_png(4)
     upload(client, [("../../etc/passwd.png", data)])
     stored = [p for p in app.extensions["settings"].storage_dir.rglob("*") if p.is_file()]
-    import hashlib
     sha = hashlib.sha256(data).hexdigest()
     assert sorted(p.name for p in stored) == [sha, f"{sha}.thumb.jpg"]
     assert client.get(f"/images/{sha}.jpg").status_code == 200
@@ -131,7 +132,6 @@ def test_uploads_are_stored_under_content_addressed_names(client, app):
 
 def test_batch_long_poll_returns_when_the_timeout_passes(client):
     batch_id = upload(client, [("a.png", noise_png(1))]).get_json()["batch_id"]
-    import time
     t0 = time.monotonic()
     resp = client.get(f"/api/v1/batches/{batch_id}?wait=1")
     assert resp.status_code == 200 and 0.9 < time.monotonic() - t0 < 3
@@ -142,14 +142,11 @@ def test_health_and_readiness(client, app):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     resp = client.get("/readyz")
     assert resp.status_code == 503 and resp.get_json()["checks"]["workers"] == 0
-    import time
-    app.extensions["jobs"].r.zadd("workers:heartbeat", {"w1": time.time()})
+    app.extensions["jobs"].record_heartbeat("w1", time.time())
     assert client.get("/readyz").status_code == 200
 
 
 def test_redis_down_gives_503_json_and_nothing_stored(settings_factory, tmp_path, caplog):
-    from tools.stack import free_port
-    from web import create_app
     client = create_app(settings_factory(redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
     limiter_log = logging.getLogger("flask-limiter")
     limiter_log.addHandler(caplog.handler)  # create_app replaced the root logger's handlers
@@ -175,15 +172,16 @@ def test_pages_render(client):
 
 
 def test_the_web_tier_never_imports_tensorflow():
-    code = ("import sys; from web import create_app; from shared.settings import Settings; "
-            "create_app(Settings.from_env({})); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    code = (
+        "import sys; from web import create_app; from shared.settings import Settings; "
+        "create_app(Settings.from_env({})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_submissions_are_rate_limited_per_client_with_retry_after(settings_factory):
-    from web import create_app
     client = create_app(settings_factory(rate_limit="2/minute")).test_client()
     codes = [upload(client, [("a.png", noise_png(1))]).status_code for _ in range(3)]
     assert codes == [202, 202, 429]
@@ -200,56 +198,39 @@ def test_pages_carry_security_headers(client):
     assert b"<script>" not in resp.data  # no inline script for the CSP to allow
 
 
-def test_stored_images_older_than_the_retention_period_are_swept(settings_factory):
-    import os
-    import time
-    from web import create_app
-    settings = settings_factory(retention_days=1)
-    old = settings.storage_dir / "ab" / ("ab" + "0" * 62)
-    old.parent.mkdir(parents=True)
-    old.write_bytes(b"x")
-    os.utime(old, (time.time() - 2 * 86400,) * 2)
-    fresh = settings.storage_dir / "cd" / ("cd" + "0" * 62)
-    fresh.parent.mkdir(parents=True)
-    fresh.write_bytes(b"y")
-    create_app(settings).test_client().get("/healthz")
-    deadline = time.monotonic() + 5
-    while old.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not old.exists() and fresh.exists()
-
-
 def test_job_long_poll_answers_when_the_job_finishes(client, app):
-    import threading
-    import time
     job = upload(client, [("a.png", noise_png(1))], path="/api/v1/jobs").get_json()
     store = app.extensions["jobs"]
-    threading.Timer(0.5, store.complete, args=([job["job_id"]], [[{"label": "cat", "probability": 1.0}]],
-                                               {"name": "m", "version": "1"})).start()
+    threading.Timer(
+        0.5,
+        store.complete,
+        args=([job["job_id"]], [[{"label": "cat", "probability": 1.0}]], {"name": "m", "version": "1"}),
+    ).start()
     t0 = time.monotonic()
     got = client.get(f"/api/v1/jobs/{job['job_id']}?wait=10").get_json()
     assert got["status"] == "done" and 0.4 < time.monotonic() - t0 < 3
 
 
 def test_the_html_form_needs_its_csrf_token_and_the_api_does_not(client):
-    import re
     data = {"images": [(io.BytesIO(noise_png(1)), "a.png")]}
     resp = client.post("/batches", data=data, content_type="multipart/form-data")
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "csrf_failed"
     token = re.search(rb'name="csrf_token" value="([^"]+)"', client.get("/").data).group(1).decode()
-    resp = client.post("/batches", data={"csrf_token": token, "images": [(io.BytesIO(noise_png(1)), "a.png")]},
-                       content_type="multipart/form-data")
+    resp = client.post(
+        "/batches",
+        data={"csrf_token": token, "images": [(io.BytesIO(noise_png(1)), "a.png")]},
+        content_type="multipart/form-data",
+    )
     assert resp.status_code == 303 and resp.headers["Location"].startswith("/batches/")
     assert upload(client, [("a.png", noise_png(2))]).status_code == 202  # the JSON API: no token
 
 
 def test_without_secret_key_every_web_process_shares_one_from_redis(settings_factory):
-    from web import create_app
     a, b = create_app(settings_factory()), create_app(settings_factory())
     assert a.config["SECRET_KEY"] == b.config["SECRET_KEY"] and len(a.config["SECRET_KEY"]) == 64
 
 
 def test_malformed_multipart_is_a_400(client):
-    body = b"--XYZ\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\nabc"  # never closed
+    body = b'--XYZ\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nabc'  # never closed
     resp = client.post("/api/v1/batches", data=body, content_type="multipart/form-data; boundary=XYZ")
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] in ("bad_request", "no_images")

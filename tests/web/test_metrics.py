@@ -1,21 +1,21 @@
 """Prometheus metrics of the web tier."""
+
 import io
 
-from tests.conftest import noise_png
-
-
-def sample(text: str, name: str) -> float:
-    """The value of one sample line (0 if absent); counters are per process, so tests use deltas."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+from tests.helpers import metric as sample
+from tests.helpers import noise_png
 
 
 def test_metrics_count_requests_jobs_and_queue_depth(client):
     before = client.get("/metrics").data.decode()
     client.get("/healthz")
-    client.post("/api/v1/batches", data={"images": [(io.BytesIO(noise_png(1)), "a.png"),
-                                                    (io.BytesIO(b"junk"), "b.jpg")]},
-                content_type="multipart/form-data")
+    client.post(
+        "/api/v1/batches",
+        data={"images": [(io.BytesIO(noise_png(1)), "a.png"), (io.BytesIO(b"junk"), "b.jpg")]},
+        content_type="multipart/form-data",
+    )
     after = client.get("/metrics").data.decode()
+    # Counters are per process (this one runs other tests too): compare before and after.
     delta = lambda name: sample(after, name) - sample(before, name)
     assert delta('http_requests_total{method="GET",route="/healthz",status="200"}') == 1
     assert delta('http_requests_total{method="POST",route="/api/v1/batches",status="202"}') == 1

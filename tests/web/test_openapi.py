@@ -1,7 +1,9 @@
 """The OpenAPI document: generated from the models the code validates with, and served."""
+
 import schemathesis
 
-from web.schemas import UrlSubmission
+from shared.schemas import Batch, BatchCreated, Job, UrlSubmission
+from tests.helpers import noise_png, upload
 
 
 def test_the_document_is_served_and_valid(client):
@@ -9,8 +11,14 @@ def test_the_document_is_served_and_valid(client):
     assert spec["openapi"].startswith("3.1")
     schema = schemathesis.openapi.from_dict(spec)  # schemathesis refuses an invalid document
     ops = {(op.method.upper(), op.path) for op in (r.ok() for r in schema.get_all_operations())}
-    assert {("POST", "/api/v1/batches"), ("POST", "/api/v1/jobs"), ("GET", "/api/v1/jobs/{job_id}"),
-            ("GET", "/api/v1/batches/{batch_id}"), ("GET", "/healthz"), ("GET", "/readyz")} <= ops
+    assert {
+        ("POST", "/api/v1/batches"),
+        ("POST", "/api/v1/jobs"),
+        ("GET", "/api/v1/jobs/{job_id}"),
+        ("GET", "/api/v1/batches/{batch_id}"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+    } <= ops
 
 
 def test_the_request_schema_is_the_validating_model(client):
@@ -23,11 +31,7 @@ def test_the_request_schema_is_the_validating_model(client):
 
 
 def test_responses_match_their_documented_shapes(client, app):
-    from web.schemas import Batch, BatchCreated, Job
-    import io
-    from tests.conftest import noise_png
-    created = client.post("/api/v1/batches", data={"images": [(io.BytesIO(noise_png(1)), "a.png")]},
-                          content_type="multipart/form-data").get_json()
+    created = upload(client, [("a.png", noise_png(1))]).get_json()
     BatchCreated.model_validate(created)
     Batch.model_validate(client.get(created["links"]["self"]).get_json())
     Job.model_validate(client.get(f"/api/v1/jobs/{created['jobs'][0]['job_id']}").get_json())

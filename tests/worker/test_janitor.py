@@ -1,15 +1,18 @@
 """Lost task messages are queued again from the job record; nothing else is."""
+
 import json
+import os
 import time
 
 import numpy as np
 import pytest
 
-from shared.jobs import JobStore, NewJob
-from shared.queue import celery_init_app, encode_pixels
+from shared.images import encode_pixels
+from shared.jobstore import JobStore, NewJob
+from shared.queue import PredictTask, celery_init_app, enqueue
 from shared.storage import ImageStore
-from worker.janitor import rescue_lost_tasks
-from worker.jobs import WorkerState
+from worker.janitor import rescue_lost_tasks, sweep_expired_images
+from worker.state import WorkerState
 
 
 @pytest.fixture
@@ -19,13 +22,17 @@ def state(settings_factory):
 
 
 def queued_ids(state, queue):
-    return [json.loads(m)["headers"]["id"] for m in state.store.r.lrange(queue, 0, -1)]
+    return [json.loads(m)["headers"]["id"] for m in state.store.redis.lrange(queue, 0, -1)]
 
 
 def make_jobs(state, n=2, status="queued"):
     px = encode_pixels(np.zeros((32, 32, 3), np.uint8))
-    jobs = [NewJob("upload", f"{i}.png", pixels=px) if status == "queued" else
-            NewJob("url", f"https://example.com/{i}.jpg", status="fetching") for i in range(n)]
+    jobs = [
+        NewJob("upload", f"{i}.png", pixels=px)
+        if status == "queued"
+        else NewJob("url", f"https://example.com/{i}.jpg", status="fetching")
+        for i in range(n)
+    ]
     return [r["job_id"] for r in state.store.create_batch(jobs, 3)[1]]
 
 
@@ -40,16 +47,15 @@ def test_a_job_whose_message_vanished_is_queued_again(state):
 def test_lost_fetches_are_queued_again_with_their_url(state):
     lost = make_jobs(state, 1, status="fetching")
     assert rescue_lost_tasks(state, now=time.time() + 21) == 1
-    msg = json.loads(state.store.r.lindex("fetch", 0))
+    msg = json.loads(state.store.redis.lindex("fetch", 0))
     assert msg["headers"]["id"] == lost[0] and msg["headers"]["task"] == "fetch"
 
 
 def test_jobs_still_waiting_behind_the_queue_head_are_left_alone(state):
-    from shared.queue import enqueue
     older = make_jobs(state, 1)
     time.sleep(0.05)
     newer = make_jobs(state, 1)
-    enqueue(state.celery, [(newer[0], np.zeros((32, 32, 3), np.uint8), 3)], [])  # its message waits
+    enqueue(state.celery, [PredictTask(newer[0], encode_pixels(np.zeros((32, 32, 3), np.uint8)), 3)], [])  # waits
     assert rescue_lost_tasks(state, now=time.time() + 21) == 1  # only the older one, lost
     assert sorted(queued_ids(state, "predict")) == sorted(older + newer)
 
@@ -60,11 +66,30 @@ def test_finished_and_started_jobs_are_not_queued_again(state):
     state.store.mark_running([running])  # its message is unacknowledged: Celery redelivers it
     assert rescue_lost_tasks(state, now=time.time() + 21) == 0
     assert state.store.pending_score(done) is None
-    assert state.store.r.hget(f"job:{done}", "pixels") is None  # the image copy goes when done
+    assert state.store.redis.hget(f"job:{done}", "pixels") is None  # the image copy goes when done
 
 
 def test_messages_a_worker_holds_are_left_to_celery(state):
     held = make_jobs(state, 1)[0]
     message = {"headers": {"id": held, "task": "predict"}, "body": ""}
-    state.store.r.hset("unacked", "some-delivery-tag", json.dumps([message, "", "predict"]))
+    state.store.redis.hset("unacked", "some-delivery-tag", json.dumps([message, "", "predict"]))
     assert rescue_lost_tasks(state, now=time.time() + 21) == 0
+
+
+def test_stored_images_older_than_the_retention_period_are_swept(settings_factory):
+    settings = settings_factory(retention_days=1)
+    state = WorkerState(
+        settings,
+        JobStore.from_url(settings.redis_url, 3600),
+        ImageStore(settings.storage_dir),
+        celery_init_app(settings),
+    )
+    old = settings.storage_dir / "ab" / ("ab" + "0" * 62)
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    fresh = settings.storage_dir / "cd" / ("cd" + "0" * 62)
+    fresh.parent.mkdir(parents=True)
+    fresh.write_bytes(b"y")
+    assert sweep_expired_images(state) == 1
+    assert not old.exists() and fresh.exists()

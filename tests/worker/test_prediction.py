@@ -1,12 +1,42 @@
 """The worker's job handling, in-process, with a real Redis and the tiny model."""
+
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
-from shared.jobs import JobStore, NewJob
+from shared.images import decode_pixels, encode_pixels
+from shared.jobstore import JobStore, NewJob
 from shared.predictor import Predictor
-from shared.queue import celery_init_app, encode_pixels
+from shared.queue import celery_init_app
 from shared.storage import ImageStore
-from worker.jobs import WorkerState, predict_jobs
+from tests.helpers import public_batch
+from worker.prediction import predict_jobs
+from worker.state import WorkerState
+
+
+class ModelCalls:
+    """The prediction_batch_size histogram of this process, since this object was made:
+    how many model calls, how many images in all, and how many calls of one image."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        value = lambda name, **labels: REGISTRY.get_sample_value(name, labels) or 0.0
+        return (
+            value("prediction_batch_size_count"),
+            value("prediction_batch_size_sum"),
+            value("prediction_batch_size_bucket", le="1.0"),
+        )
+
+    def __call__(self) -> tuple[int, int, int]:
+        return tuple(int(now - then) for now, then in zip(self._read(), self.start, strict=True))
+
+
+@pytest.fixture
+def calls():
+    return ModelCalls()
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +47,32 @@ def predictor(tiny_model_dir):
 @pytest.fixture
 def state(settings_factory, predictor):
     s = settings_factory(task_max_attempts=2)
-    return WorkerState(s, JobStore.from_url(s.redis_url, 3600), ImageStore(s.storage_dir),
-                       celery_init_app(s), predictor)
+    store = JobStore.from_url(s.redis_url, 3600)
+    return WorkerState(
+        s,
+        store,
+        ImageStore(s.storage_dir),
+        celery_init_app(s),
+        predictor,
+        store.result_cache(predictor.cache_namespace),
+    )
 
 
 def submit(state, n, top_k=3):
     batch_id, records = state.store.create_batch([NewJob("upload", f"{i}.png") for i in range(n)], top_k)
     rng = np.random.default_rng(n)
-    items = [dict(job_id=r["job_id"], pixels=encode_pixels(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
-                  top_k=top_k) for r in records]
+    items = [
+        dict(job_id=r["job_id"], pixels=encode_pixels(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), top_k=top_k)
+        for r in records
+    ]
     return batch_id, items
 
 
-def test_a_batch_is_predicted_in_one_call_with_descending_top_k(state):
+def test_a_batch_is_predicted_in_one_call_with_descending_top_k(state, calls):
     batch_id, items = submit(state, 5, top_k=4)
     predict_jobs(state, items)
-    batch = state.store.get_batch(batch_id)
-    assert batch["counts"]["done"] == 5 and list(state.batch_sizes) == [5]
+    batch = public_batch(state.store, batch_id)
+    assert batch["counts"]["done"] == 5 and calls()[:2] == (1, 5)  # one call of 5 images
     classes = state.predictor.info.classes
     for job in batch["jobs"]:
         probs = [p["probability"] for p in job["predictions"]]
@@ -45,47 +84,46 @@ def test_a_batch_is_predicted_in_one_call_with_descending_top_k(state):
 def test_predictions_match_the_predictor_directly(state):
     batch_id, items = submit(state, 3)
     predict_jobs(state, items)
-    from shared.queue import decode_pixels
     direct = state.predictor.predict_proba(np.stack([decode_pixels(i["pixels"]) for i in items]))
-    for job, p in zip(state.store.get_batch(batch_id)["jobs"], direct):
+    for job, p in zip(public_batch(state.store, batch_id)["jobs"], direct, strict=True):
         assert job["predictions"][0]["label"] == state.predictor.info.classes[int(np.argmax(p))]
         assert job["predictions"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
 
 
-def test_a_duplicate_delivery_writes_nothing_new(state):
+def test_a_duplicate_delivery_writes_nothing_new(state, calls):
     batch_id, items = submit(state, 2)
     predict_jobs(state, items)
-    before = state.store.get_batch(batch_id)
+    before = public_batch(state.store, batch_id)
     predict_jobs(state, items)
-    after = state.store.get_batch(batch_id)
+    after = public_batch(state.store, batch_id)
     assert after["counts"] == before["counts"] and after["jobs"] == before["jobs"]
-    assert list(state.batch_sizes) == [2]  # the second delivery never reached the model
+    assert calls()[:2] == (1, 2)  # the second delivery never reached the model
 
 
-def test_redelivered_jobs_run_alone_after_the_fresh_batch(state):
+def test_redelivered_jobs_run_alone_after_the_fresh_batch(state, calls):
     batch_id, items = submit(state, 4)
     state.store.mark_running([items[0]["job_id"], items[1]["job_id"]])  # their worker died once
     predict_jobs(state, items)
-    assert list(state.batch_sizes) == [2, 1, 1]
-    assert state.store.get_batch(batch_id)["counts"]["done"] == 4
+    assert calls() == (3, 4, 2)  # batches of 2, 1 and 1
+    assert public_batch(state.store, batch_id)["counts"]["done"] == 4
 
 
-def test_a_job_that_keeps_failing_alone_fails_as_poison(state):
+def test_a_job_that_keeps_failing_alone_fails_as_poison(state, calls):
     batch_id, items = submit(state, 1)
     job_id = items[0]["job_id"]
     state.store.mark_running([job_id])
-    state.store.r.hset(f"job:{job_id}", "solo_attempts", 2)  # it took the worker down twice, alone
+    state.store.redis.hset(f"job:{job_id}", "solo_attempts", 2)  # it took the worker down twice, alone
     predict_jobs(state, items)
-    job = state.store.get_batch(batch_id)["jobs"][0]
+    job = public_batch(state.store, batch_id)["jobs"][0]
     assert job["status"] == "failed" and job["error"]["code"] == "poison"
-    assert len(state.batch_sizes) == 0  # the model never saw it again
+    assert calls()[0] == 0  # the model never saw it again
 
 
 def test_a_malformed_message_fails_its_job_only(state):
     batch_id, items = submit(state, 2)
     items[0]["pixels"] = "not base64!"
     predict_jobs(state, items)
-    jobs = state.store.get_batch(batch_id)["jobs"]
+    jobs = public_batch(state.store, batch_id)["jobs"]
     assert [j["status"] for j in jobs] == ["failed", "done"]
     assert jobs[0]["error"]["code"] == "bad_task"
 
@@ -95,6 +133,7 @@ def test_an_image_that_breaks_the_model_fails_alone(state):
 
     class Fussy:
         """Wraps the real predictor; refuses any batch that holds an all-black image."""
+
         info = real.info
 
         def predict_proba(self, images):
@@ -106,13 +145,13 @@ def test_an_image_that_breaks_the_model_fails_alone(state):
     batch_id, items = submit(state, 3)
     items[1]["pixels"] = encode_pixels(np.zeros((32, 32, 3), np.uint8))
     predict_jobs(state, items)
-    jobs = state.store.get_batch(batch_id)["jobs"]
+    jobs = public_batch(state.store, batch_id)["jobs"]
     assert [j["status"] for j in jobs] == ["done", "failed", "done"]
     assert jobs[1]["error"]["code"] == "prediction_failed"
 
 
-def test_unknown_or_expired_jobs_are_skipped(state):
+def test_unknown_or_expired_jobs_are_skipped(state, calls):
     _, items = submit(state, 1)
     items[0]["job_id"] = "0" * 32
     predict_jobs(state, items)
-    assert len(state.batch_sizes) == 0
+    assert calls()[0] == 0

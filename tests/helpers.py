@@ -1,0 +1,210 @@
+"""What the tests share, in one place: a private Redis, a running stack, image makers, HTTP
+helpers, metric parsing and wait loops. Fixtures that use these live in conftest.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import requests
+from PIL import Image
+
+from shared.schemas import FINAL_STATUSES, Batch, Job, Links
+from shared.settings import DEFAULT_MODEL_DIR, REPO_ROOT, Settings
+from tools.stack import free_port, start_redis, start_web, start_worker, stop
+
+SHIPPED_MODEL = DEFAULT_MODEL_DIR
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+OUTPUT_DIR = REPO_ROOT / "test-output"
+FAULT_WORKER_APP = "tests.fault_worker"  # worker.app with faults injected (tests/fault_worker.py)
+
+
+# --- images ----------------------------------------------------------------------------------
+def image_bytes(fmt: str = "PNG", size=(40, 30), color=(200, 30, 30), mode: str = "RGB", **save) -> bytes:
+    img = Image.new(mode, size, color)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def noise_png(seed: int, size=(32, 32)) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def black_png() -> bytes:
+    """The image the fault worker's model dies on."""
+    return image_bytes("PNG", size=(32, 32), color=(0, 0, 0))
+
+
+def make_tar(folder: Path, path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return path
+
+
+# --- the API as the web tier answers it ---------------------------------------------------------
+def upload(client, files, path="/api/v1/batches", **form):
+    """POST images through Flask's test client."""
+    data = {"images": [(io.BytesIO(b), name) for name, b in files], **form}
+    return client.post(path, data=data, content_type="multipart/form-data")
+
+
+def post_images(stack, files, path="/api/v1/batches", **form):
+    """POST images to a running stack over HTTP."""
+    return requests.post(
+        stack.url + path, files=[("images", (name, data)) for name, data in files], data=form, timeout=60
+    )
+
+
+def public_batch(store, batch_id: str, since: int | None = None) -> dict | None:
+    """The batch as the API shows it, read straight from the job store."""
+    found = store.get_batch(batch_id, since)
+    return None if found is None else Batch.from_record(*found, Links(self="")).model_dump()
+
+
+def public_job(store, job_id: str) -> dict | None:
+    rec = store.get_job(job_id)
+    return None if rec is None else Job.from_record(rec).model_dump()
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of the samples called `name` (with its labels, if given) in a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name or (sample.startswith(name + "{") and "{" not in name):
+            total += float(value)
+    return total
+
+
+# --- waiting --------------------------------------------------------------------------------------
+def wait_until(condition, timeout: float, what: str = "the condition", interval: float = 0.05):
+    """Poll until condition() returns something truthy (and return it), or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_status(stack, batch_id: str, status: str, timeout: float = 30) -> dict:
+    """The batch, once at least one of its jobs has this status."""
+
+    def seen():
+        batch = requests.get(f"{stack.url}/api/v1/batches/{batch_id}", timeout=10).json()
+        return batch if batch["counts"][status] > 0 else None
+
+    return wait_until(seen, timeout, f"a {status} job in batch {batch_id}")
+
+
+# --- processes ------------------------------------------------------------------------------------
+class RedisServer:
+    """A private redis-server that tests may stop, restart and flush."""
+
+    def __init__(self, data_dir: Path, appendonly: bool = False):
+        self.port, self.data_dir, self.appendonly = free_port(), data_dir, appendonly
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = start_redis(self.port, self.data_dir, self.appendonly)
+
+    def stop(self):
+        stop(self.proc)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def child_env(settings: Settings, **extra) -> dict:
+    """The environment of a child process that runs with these settings."""
+    env = dict(os.environ, **settings.to_env(), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    return env | {k: str(v) for k, v in extra.items()}
+
+
+class Stack:
+    """A running system: web (gunicorn, real HTTP), workers (real Celery processes), Redis."""
+
+    def __init__(self, settings: Settings, redis_server: RedisServer, log_dir: Path):
+        self.settings, self.redis, self.log_dir = settings, redis_server, log_dir
+        self.env = child_env(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.web = start_web(self.env, self.port)
+        self.workers: list[subprocess.Popen] = []
+
+    def add_worker(self, queues: str = "predict,fetch", faults: dict | None = None, **settings) -> subprocess.Popen:
+        """A `python -m worker` with these settings changed; `faults` runs the fault worker app
+        (tests/fault_worker.py) with these FAULT_* variables."""
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")
+        s = self.settings.replace(**settings)
+        extra = {}
+        if faults is not None:
+            s = s.replace(worker_app=FAULT_WORKER_APP)
+            extra = {f"FAULT_{k.upper()}": v for k, v in faults.items()}
+        # One model process per worker: the fault tests aim at "the" process holding the model.
+        proc = start_worker(
+            child_env(s, **extra), queues, concurrency=1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.workers.append(proc)
+        return proc
+
+    def wait_ready(self, timeout: float = 90.0, workers: int = 1) -> None:
+        def ready():
+            r = requests.get(self.url + "/readyz", timeout=5)
+            return r.status_code == 200 and r.json()["checks"]["workers"] >= workers
+
+        try:
+            wait_until(ready, timeout, "the stack to be ready", interval=0.2)
+        except AssertionError:
+            raise AssertionError("not ready\n" + self.worker_logs()) from None
+
+    def worker_logs(self, full: bool = False) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[0 if full else -3000 :] for p in sorted(self.log_dir.glob("worker-*.log"))
+        )
+
+    def get_batch(self, batch_id: str, **params) -> dict:
+        return requests.get(f"{self.url}/api/v1/batches/{batch_id}", params=params, timeout=30).json()
+
+    def wait_batch(self, batch_id: str, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = self.get_batch(batch_id, wait=5)
+            if batch.get("finished"):
+                return batch
+        raise AssertionError(f"batch {batch_id} unfinished: {batch.get('counts')}\n" + self.worker_logs())
+
+    def wait_job(self, job_id: str, timeout: float = 30.0) -> dict:
+        def finished():
+            job = requests.get(f"{self.url}/api/v1/jobs/{job_id}", params={"wait": 5}, timeout=30).json()
+            return job if job["status"] in FINAL_STATUSES else None
+
+        return wait_until(finished, timeout, f"job {job_id}")
+
+    def close(self):
+        for p in self.workers:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, 15)
+                except ProcessLookupError:
+                    pass
+        for p in self.workers:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+        stop(self.web)

@@ -1,0 +1,63 @@
+"""What a fetch worker does with a URL task, as a plain function (the Celery task only calls it)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from shared.fetch import UrlRefused, fetch
+from shared.images import ImageRefused, prepare
+from shared.logs import job_context
+from shared.metrics import FETCH_FAILURES, FETCH_LATENCY
+from shared.queue import FetchTask, PredictTask, enqueue
+from worker.state import WorkerState, fail, until_redis_answers
+
+log = logging.getLogger(__name__)
+
+
+def fetch_job(state: WorkerState, task: FetchTask) -> None:
+    """Download a URL (SSRF-checked), check and store the image, then queue its prediction."""
+    with job_context(job_id=task.job_id):
+        _fetch_job(state, task)
+
+
+def _fetch_job(state: WorkerState, task: FetchTask) -> None:
+    store, s = state.store, state.settings
+    result, attempts = until_redis_answers(store.mark_fetching, task.job_id)
+    if result != 1:
+        return  # finished already, or expired
+    if attempts > s.task_max_attempts:
+        fail(
+            state,
+            [task.job_id],
+            "poison",
+            f"Fetching was attempted {attempts - 1} times and never finished; giving up on this URL.",
+        )
+        return
+    t0 = time.perf_counter()
+    try:
+        data = fetch(
+            task.url,
+            allow_hosts=s.fetch_allow_hosts,
+            timeout=s.fetch_timeout,
+            max_bytes=s.fetch_max_bytes,
+            max_redirects=s.fetch_max_redirects,
+        )
+        image = prepare(data, s.max_image_pixels)
+    except (UrlRefused, ImageRefused) as exc:
+        FETCH_FAILURES.labels(exc.code).inc()
+        fail(state, [task.job_id], exc.code, exc.message)
+        return
+    except SoftTimeLimitExceeded:
+        FETCH_FAILURES.labels("fetch_timeout").inc()
+        fail(state, [task.job_id], "fetch_timeout", f"Fetching took longer than {s.task_soft_time_limit:g} s.")
+        return
+    FETCH_LATENCY.observe(time.perf_counter() - t0)
+    state.images.keep(image.sha256, data, image.thumbnail)
+    # Queue the prediction first, then record the fetch: a crash in between still predicts.
+    pixels = image.pixels_b64
+    until_redis_answers(enqueue, state.celery, [PredictTask(task.job_id, pixels, task.top_k)], [])
+    until_redis_answers(store.mark_fetched, task.job_id, image.sha256, pixels)
+    log.info("fetched", extra={"bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})

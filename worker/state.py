@@ -1,0 +1,54 @@
+"""What a worker process holds, and how it writes outcomes: retried through Redis restarts,
+counted and logged once per job."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from celery import Celery
+from redis import RedisError
+
+from shared.jobstore import JobStore, ResultCache
+from shared.metrics import JOBS_FINISHED
+from shared.settings import Settings
+from shared.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    store: JobStore
+    images: ImageStore
+    celery: Celery
+    predictor: object = None  # shared.predictor.Predictor, loaded once per process after the fork
+    cache: ResultCache | None = None  # results of this predictor's configuration (RESULT_CACHE on)
+
+
+def until_redis_answers(fn, *args, deadline_s: float = 600.0):
+    """Results must not be lost while Redis restarts: retry the write until it answers."""
+    delay, deadline = 0.2, time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn(*args)
+        except RedisError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def count_outcomes(results: list[tuple[int, int]], job_ids: list[str], status: str, code: str = "") -> None:
+    """Count and log the jobs whose final status this call really wrote (not duplicates)."""
+    for job_id, (result, _) in zip(job_ids, results, strict=True):
+        if result == 1:
+            JOBS_FINISHED.labels(status, code).inc()
+            log.info("job %s", status, extra={"job_id": job_id, **({"error_code": code} if code else {})})
+
+
+def fail(state: WorkerState, job_ids: list[str], code: str, message: str) -> None:
+    count_outcomes(until_redis_answers(state.store.fail, job_ids, code, message), job_ids, "failed", code)
