@@ -90,9 +90,10 @@ def main(argv=None) -> None:
     p.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="override recipe values, e.g. --set cutout=12 widths=[64,256,256]",
+        help="override recipe values, e.g. --set cutout=12 widths=[64,256,256] (may be repeated)",
     )
     args = p.parse_args(argv)
     recipe = dict(MUON if args.muon else FAST if args.fast else RECIPE)

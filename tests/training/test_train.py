@@ -33,16 +33,15 @@ def make_learnable_dataset(root, per_class=60):
     return make_tar(root / "colours", root / "colours.tar.gz")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    os.environ["CIFAR_SVC_CACHE"] = str(root / "cache")
+def train_tiny(root, *options: str):
+    """`python -m training.train` on the colour dataset, 3 short epochs; (archive, out, stdout)."""
     archive = make_learnable_dataset(root)
     out = root / "model"
     cmd = [
         sys.executable,
         "-m",
         "training.train",
+        *options,
         "--data",
         str(archive),
         "--out",
@@ -54,8 +53,6 @@ def trained(tmp_path_factory):
         "batch_size=48",
         "val_size=40",
         "tta_level=1",
-        "whiten_bias_epochs=1",
-        "lookahead_start_epoch=1",
     ]
     run = subprocess.run(
         cmd,
@@ -67,6 +64,11 @@ def trained(tmp_path_factory):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return archive, out, run.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("train"), "--set", "whiten_bias_epochs=1", "lookahead_start_epoch=1")
 
 
 def test_training_prints_a_line_per_epoch_and_a_summary(trained):
@@ -202,34 +204,7 @@ def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
 
 
 def test_the_muon_preset_trains_and_learns_too(tmp_path):
-    archive = make_learnable_dataset(tmp_path)
-    out = tmp_path / "model"
-    cmd = [
-        sys.executable,
-        "-m",
-        "training.train",
-        "--muon",
-        "--data",
-        str(archive),
-        "--out",
-        str(out),
-        "--epochs",
-        "3",
-        "--set",
-        "widths=[16,32,32]",
-        "batch_size=48",
-        "val_size=40",
-        "tta_level=1",
-    ]
-    run = subprocess.run(
-        cmd,
-        cwd=REPO_ROOT,
-        env=dict(ENV, CIFAR_SVC_CACHE=str(tmp_path / "cache")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _, out, _ = train_tiny(tmp_path, "--muon")
     meta = json.loads((out / "model.json").read_text())
     assert meta["recipe"]["optimizer"] == "muon" and meta["recipe"]["whiten_bias_epochs"] == 0
     losses = [h["loss"] for h in meta["history"]]
