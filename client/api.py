@@ -27,6 +27,8 @@ class Client:
     def _request(self, method: str, path: str, **kw) -> dict:
         delay = 1.0
         for attempt in range(self.retries + 1):
+            for _field, (_name, handle) in kw.get("files") or []:
+                handle.seek(0)  # every attempt sends each file whole, however far the last one got
             try:
                 resp = self.session.request(method, self.server + path, timeout=self.timeout, **kw)
             except requests.ConnectionError:
@@ -40,8 +42,6 @@ class Client:
                 after = resp.headers.get("Retry-After", "")
                 self.sleep(float(after) if after.replace(".", "", 1).isdigit() else delay)
                 delay = min(delay * 2, 30)
-                for value in kw.get("files") or []:  # rewind uploads for the next attempt
-                    value[1][1].seek(0)
                 continue
             try:
                 body = resp.json()

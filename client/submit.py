@@ -41,7 +41,19 @@ class ResultWriter:
             + ["error_code", "error_message", "job_id"]
         )
 
+    def repair(self) -> None:
+        """A run killed in the middle of a write leaves half a line at the end: cut it off (its
+        input is then simply done again), so that the next line starts on a line of its own."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+
     def done_inputs(self) -> set[str]:
+        self.repair()
         if not self.path.exists():
             return set()
         with open(self.path, newline="") as f:

@@ -131,10 +131,10 @@ class _PinnedAdapter(HTTPAdapter):
         )
 
 
-def fetch(
-    url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes: int = 10 << 20, max_redirects: int = 5
-) -> bytes:
-    """GET url with every rule above; returns the body or raises UrlRefused."""
+def fetch(url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes: int = 10 << 20,
+          max_redirects: int = 5, ca_bundle: str = "") -> bytes:
+    """GET url with every rule above; returns the body or raises UrlRefused. TLS certificates
+    are checked against requests' CA bundle (certifi), or against ca_bundle (a PEM file) if given."""
     deadline = time.monotonic() + timeout
     for _hop in range(max_redirects + 1):
         target, addresses = check_url(url, allow_hosts)
@@ -149,6 +149,7 @@ def fetch(
                     url,
                     stream=True,
                     allow_redirects=False,
+                    verify=ca_bundle or True,
                     timeout=(max(0.1, min(5.0, deadline - time.monotonic())), max(0.1, deadline - time.monotonic())),
                     headers={
                         "Host": host_header,

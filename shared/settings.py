@@ -35,6 +35,7 @@ class Settings:
     fetch_timeout: float = 10.0  # seconds for one URL, all redirects included
     fetch_max_bytes: int = 10 * 1024 * 1024
     fetch_max_redirects: int = 5
+    fetch_ca_bundle: str = ""  # PEM file of the CAs to trust for https URLs (empty: certifi's bundle)
     fetch_concurrency: int = 64  # fetch threads in all, split across the fetch processes
     fetch_processes: int = 2  # a URL's Python work holds a GIL: 2 fetch ~1.7x faster than 1 on 2 cores
     max_upload_bytes: int = 10 * 1024 * 1024  # one image

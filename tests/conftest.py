@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import REPO_ROOT, Settings
-from tests.helpers import CLASSES, OUTPUT_DIR, RedisServer, Stack, image_bytes
+from tests.helpers import CLASSES, OUTPUT_DIR, SKIP_PREFIX, RedisServer, Stack, image_bytes
 from tools.imageserver import ImageServer
 from web import create_app
 
@@ -118,3 +118,16 @@ def url_stack(stack_factory, image_server):
 def _output_dir():
     OUTPUT_DIR.mkdir(exist_ok=True)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end naming what was skipped for a missing tool, and how to install it."""
+    needs = sorted(
+        {
+            r.longrepr[2].split(": ", 1)[-1].removeprefix("Skipped: ").removeprefix(SKIP_PREFIX)
+            for r in terminalreporter.stats.get("skipped", [])
+            if isinstance(r.longrepr, tuple) and SKIP_PREFIX in r.longrepr[2]
+        }
+    )
+    if needs:
+        terminalreporter.write_line("skipped for want of: " + "; ".join(needs), yellow=True)

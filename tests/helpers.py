@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 import requests
 from PIL import Image
@@ -23,6 +24,20 @@ SHIPPED_MODEL = DEFAULT_MODEL_DIR
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OUTPUT_DIR = REPO_ROOT / "test-output"
 FAULT_WORKER_APP = "tests.fault_worker"  # worker.app with faults injected (tests/fault_worker.py)
+
+
+# --- what a test needs from the machine ---------------------------------------------------------
+SKIP_PREFIX = "needs "
+
+
+def require(available: bool, what: str, install: str) -> None:
+    """Skip a test whose tool is missing, with the command that installs it; under CI (which
+    installs everything: .ci/run) fail instead, so that nothing is skipped unseen."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must have {what} ({install})")
+    pytest.skip(f"{SKIP_PREFIX}{what} (install: {install})")
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -43,6 +58,13 @@ def noise_png(seed: int, size=(32, 32)) -> bytes:
 def black_png() -> bytes:
     """The image the fault worker's model dies on."""
     return image_bytes("PNG", size=(32, 32), color=(0, 0, 0))
+
+
+def assert_thumbnail(resp, largest: int = 128) -> None:
+    """A thumbnail response: 200, a JPEG by type and by content, no side over `largest` px."""
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(resp.content if hasattr(resp, "content") else resp.data))
+    assert img.format == "JPEG" and max(img.size) <= largest and img.size[0] > 0
 
 
 def make_tar(folder: Path, path: Path) -> Path:
@@ -84,6 +106,17 @@ def metric(text: str, name: str) -> float:
         if sample == name or (sample.startswith(name + "{") and "{" not in name):
             total += float(value)
     return total
+
+
+def scrape_until(url: str, name: str, at_least: float, timeout: float = 10) -> str:
+    """The metrics page at url, once the sample `name` reaches at_least (a job is done in Redis
+    a moment before its counters move)."""
+
+    def page():
+        text = requests.get(url, timeout=10).text
+        return text if metric(text, name) >= at_least else None
+
+    return wait_until(page, timeout, f"{name} to reach {at_least}")
 
 
 # --- waiting --------------------------------------------------------------------------------------
@@ -139,6 +172,9 @@ class Stack:
     """A running system: web (gunicorn, real HTTP), workers (real Celery processes), Redis."""
 
     def __init__(self, settings: Settings, redis_server: RedisServer, log_dir: Path):
+        metrics_dir = log_dir / f"web-metrics-{free_port()}"  # the web processes' metric files
+        metrics_dir.mkdir(parents=True)
+        settings = settings.replace(prometheus_multiproc_dir=str(metrics_dir))
         self.settings, self.redis, self.log_dir = settings, redis_server, log_dir
         self.env = child_env(settings)
         self.port = free_port()

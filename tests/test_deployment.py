@@ -1,21 +1,18 @@
 """docker-compose.yml is valid and shaped for scaling (no engine here: validated, not run)."""
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
 from shared.settings import REPO_ROOT
+from tests.helpers import require
 
 
 @pytest.fixture
 def compose():
     exe = shutil.which("docker-compose")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have docker-compose (.ci/run installs it)")
-        pytest.skip("docker-compose is not installed")
+    require(exe is not None, "docker-compose", "apt-get install docker-compose")
     return exe
 
 

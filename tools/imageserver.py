@@ -8,7 +8,7 @@ import time
 
 
 class ImageServer(http.server.ThreadingHTTPServer):
-    """GET /<n>.jpg answers image n (modulo the list) after `delay` seconds."""
+    """GET /<n>.jpg answers image n (modulo the list) after `delay` seconds; any other path 404."""
 
     daemon_threads = True
     request_queue_size = 1024
@@ -32,7 +32,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         time.sleep(self.server.delay)
         name = self.path.strip("/").split(".")[0]
-        body = self.server.images[int(name) % len(self.server.images) if name.isdigit() else 0]
+        if not name.isdigit():
+            self.send_error(404)
+            return
+        body = self.server.images[int(name) % len(self.server.images)]
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Content-Length", str(len(body)))

@@ -46,6 +46,9 @@ RECIPE = dict(
     scaling_factor=1 / 9,  # scales the logits down at init
     translate=2,  # random shifts of up to 2 px (reflect-padded)
     cutout=0,  # side of a random square blanked per image (0: off)
+    crop_p=0.0,  # share of images reframed by a random resized crop each epoch (photos frame closer)
+    crop_scale=0.35,  # the smallest crop, as a share of the image's area
+    jitter=0.0,  # colour jitter: brightness, contrast and saturation scaled by up to 1 +/- this
     lookahead=True,  # EMA of the weights, copied back every 5 steps
     lookahead_start_epoch=3,
     tta_level=2,  # at test time: 0 none, 1 mirror, 2 mirror + 1 px shifts
@@ -179,6 +182,8 @@ def fit(model, recipe: dict, x, y, val_x, val_y, num_classes: int, rng) -> tuple
     for epoch in range(math.ceil(recipe["epochs"])):
         t_epoch = time.perf_counter()
         images = augment(padded, epoch, rng, t, recipe["cutout"])
+        images = reframe(images, rng, recipe.get("crop_p", 0.0), recipe.get("crop_scale", 0.35))
+        images = jitter_colours(images, rng, recipe.get("jitter", 0.0))
         order = rng.permutation(len(images))
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(min(steps_per_epoch, total_steps - step)):
@@ -358,6 +363,45 @@ def augment(padded: np.ndarray, epoch: int, rng: np.random.Generator, t: int, cu
         out = out.copy()
         out[rows[:, :, None] & cols[:, None, :]] = np.round(CIFAR_MEAN).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def reframe(images: np.ndarray, rng: np.random.Generator, p: float, min_scale: float) -> np.ndarray:
+    """A random resized crop (area min_scale..1, aspect 3:4..4:3) of a share p of the images:
+    CIFAR objects fill a centred frame, photos show them closer, cut off or off-centre."""
+    pick = np.flatnonzero(rng.random(len(images)) < p)
+    if not len(pick):
+        return images
+    area = rng.uniform(min_scale, 1.0, len(pick))
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), len(pick)))
+    h, w = np.minimum(1.0, np.sqrt(area / ratio)), np.minimum(1.0, np.sqrt(area * ratio))
+    y0, x0 = rng.uniform(0, 1 - h), rng.uniform(0, 1 - w)
+    boxes = np.stack([y0, x0, y0 + h, x0 + w], axis=1).astype(np.float32)
+    out = images.copy()
+    for i in range(0, len(pick), 8192):  # chunks: bounded float memory
+        chunk = pick[i : i + 8192]
+        crops = tf.image.crop_and_resize(
+            tf.cast(images[chunk], tf.float32), boxes[i : i + 8192], tf.range(len(chunk)), images.shape[1:3]
+        )
+        out[chunk] = np.clip(np.round(crops.numpy()), 0, 255).astype(np.uint8)
+    return out
+
+
+def jitter_colours(images: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast and saturation each scaled by 1 +/- up to strength: photos come from
+    cameras and light unlike CIFAR's."""
+    if not strength:
+        return images
+    out = np.empty_like(images)
+    for i in range(0, len(images), 8192):
+        x = images[i : i + 8192].astype(np.float32)
+        b, c, s = rng.uniform(1 - strength, 1 + strength, (3, len(x), 1, 1, 1)).astype(np.float32)
+        x *= b
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * c + mean
+        grey = x.mean(axis=3, keepdims=True)
+        x = (x - grey) * s + grey
+        out[i : i + 8192] = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return out
 
 
 def accuracy(predict_logits, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:

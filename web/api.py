@@ -78,7 +78,7 @@ def get_batch(batch_id: str):
     if not _ID.match(batch_id):
         raise ApiError(404, "batch_not_found", f"No batch {batch_id!r}.")
     wait = _float_arg("wait", 0.0, 0.0, settings.long_poll_max_seconds)
-    since = request.args.get("since", type=int)
+    since = _int_arg("since")
     if wait > 0:
         version = store.batch_version(batch_id)
         if version is not None and not store.batch_finished(batch_id):
@@ -90,6 +90,16 @@ def get_batch(batch_id: str):
         )
     record, jobs = found
     return _json(Batch.from_record(record, jobs, _batch_links(batch_id)))
+
+
+def _int_arg(name: str) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"{name} must be a whole number (a batch version).") from None
 
 
 def _float_arg(name: str, default: float, low: float, high: float) -> float:

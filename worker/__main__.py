@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from shared.machine import available_cpus
 from shared.modeldir import ModelLoadError, read_model_info
 from shared.queue import FETCH_QUEUE, PREDICT_QUEUE
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 
 def celery_command(settings: Settings, queue: str, concurrency: int, loglevel: str) -> list[str]:
@@ -100,7 +100,11 @@ def plan(settings: Settings, args, cpus: int) -> list[tuple[Settings, int]]:
 
 
 def main(argv=None) -> int:
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"worker: cannot start: {exc}", file=sys.stderr)
+        return 2
     args = parse_args(argv, settings)
     if PREDICT_QUEUE in args.queues:
         try:  # fail now, with a clear message, rather than in a pool child that Celery restarts

@@ -44,6 +44,7 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
             timeout=s.fetch_timeout,
             max_bytes=s.fetch_max_bytes,
             max_redirects=s.fetch_max_redirects,
+            ca_bundle=s.fetch_ca_bundle,
         )
         image = prepare(data, s.max_image_pixels)
     except (UrlRefused, ImageRefused) as exc:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import OUTPUT_DIR, image_bytes, noise_png
+from tests.helpers import OUTPUT_DIR, image_bytes, noise_png, require
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = OUTPUT_DIR / "screenshots"
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium (.ci/run installs it)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    require(os.path.exists(CHROMIUM), "chromium", "apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)

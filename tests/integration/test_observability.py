@@ -1,18 +1,19 @@
-"""Worker metrics on their own port, and JSON logs that carry the job id."""
+"""Worker metrics on their own port, batching across tasks, and JSON logs that carry the job id."""
 
 import json
-import time
+from pathlib import Path
 
 import requests
 
-from tests.helpers import metric, noise_png, post_images
+from tests.helpers import metric, noise_png, post_images, scrape_until, wait_until
 from tools.stack import free_port
 
 
-def test_worker_metrics_and_job_ids_in_logs(stack_factory, image_server):
+def test_worker_metrics_batching_and_job_ids_in_logs(stack_factory, image_server):
     stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{image_server.port}"}))
     metrics_port = free_port()
-    stack.add_worker(worker_metrics_port=metrics_port, log_json=True)
+    # A one-second gathering window: the five uploads of one request are queued well within it.
+    stack.add_worker(worker_metrics_port=metrics_port, log_json=True, predict_batch_wait_ms=1000)
     stack.wait_ready()
     batch_id = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(5)]).json()["batch_id"]
     stack.wait_batch(batch_id)
@@ -21,17 +22,61 @@ def test_worker_metrics_and_job_ids_in_logs(stack_factory, image_server):
     job_id = url_batch["jobs"][0]["job_id"]
     stack.wait_batch(url_batch["batch_id"])
 
-    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    done = 'jobs_finished_total{code="",status="done"}'
+    text = scrape_until(f"http://127.0.0.1:{metrics_port}/metrics", done, 6)
     count = lambda name: metric(text, name)
-    assert count("prediction_batch_size_count") >= 2  # batches formed: the 5 images, then the URL's
+    assert count("prediction_batch_size_count") == 2  # two model calls: the 5 uploads together, then the URL
     assert count("prediction_batch_size_sum") == 6
-    assert count("model_latency_seconds_count") >= 2
-    assert count('jobs_finished_total{code="",status="done"}') == 6
+    assert count('prediction_batch_size_bucket{le="4.0"}') == 1 and count('prediction_batch_size_bucket{le="8.0"}') == 2
+    assert count("model_latency_seconds_count") == 2
+    assert count(done) == 6
     assert count("fetch_duration_seconds_count") == 1
 
-    time.sleep(0.5)  # let the log lines reach the file
-    lines = [json.loads(line) for line in stack.worker_logs(full=True).splitlines() if line.startswith("{")]
-    about_job = [rec for rec in lines if job_id in json.dumps(rec)]
-    assert {rec["event"] for rec in about_job} >= {"fetched", "job done"}
-    assert all(rec.get("job_id") == job_id for rec in about_job)  # the id is a field on every line
-    assert all({"time", "level", "event"} <= set(rec) for rec in lines)
+    def lines():
+        return [json.loads(line) for line in stack.worker_logs(full=True).splitlines() if line.startswith("{")]
+
+    def about_job():
+        recs = [rec for rec in lines() if job_id in json.dumps(rec)]
+        return recs if {"fetched", "job done"} <= {rec["event"] for rec in recs} else None
+
+    about = wait_until(about_job, 10, "the job's log lines")
+    assert all(rec.get("job_id") == job_id for rec in about)  # the id is a field on every line
+    assert all({"time", "level", "event"} <= set(rec) for rec in lines())
+
+
+def test_a_batch_never_exceeds_predict_batch_size(stack_factory):
+    stack = stack_factory()
+    metrics_port = free_port()
+    stack.add_worker("predict", worker_metrics_port=metrics_port, predict_batch_size=4, predict_batch_wait_ms=500)
+    stack.wait_ready()
+    stack.wait_batch(post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(10)]).json()["batch_id"])
+    text = scrape_until(f"http://127.0.0.1:{metrics_port}/metrics", "prediction_batch_size_sum", 10)
+    calls = metric(text, "prediction_batch_size_count")
+    assert metric(text, "prediction_batch_size_sum") == 10 and calls >= 3  # at most 4 per call: 3 calls or more
+    assert metric(text, 'prediction_batch_size_bucket{le="4.0"}') == calls  # none larger than 4
+    assert calls <= 5  # and they were batched: 10 images in far fewer than 10 calls
+
+
+def test_web_metrics_add_up_every_gunicorn_worker(stack_factory):
+    """gunicorn runs two worker processes: /metrics must count the requests of both (multiprocess
+    mode), not those of whichever process answers the scrape."""
+    stack = stack_factory()
+    for _ in range(40):  # a fresh connection each time, so that both processes get some
+        requests.get(stack.url + "/healthz", timeout=10, headers={"Connection": "close"})
+    text = requests.get(stack.url + "/metrics", timeout=10).text
+    assert metric(text, 'http_requests_total{method="GET",route="/healthz",status="200"}') == 40
+    assert "process_cpu_seconds_total" not in text  # a single process's own collector is not what is served
+    pids = {p.name.split("_")[-1] for p in Path(stack.settings.prometheus_multiproc_dir).glob("counter_*.db")}
+    assert len(pids) == 2  # both processes wrote counters, and the sum above covers them
+
+
+def test_a_failed_fetch_is_counted_by_reason(stack_factory, image_server):
+    stack = stack_factory(fetch_allow_hosts=frozenset({f"127.0.0.1:{image_server.port}"}))
+    metrics_port = free_port()
+    stack.add_worker("fetch", worker_metrics_port=metrics_port)
+    missing = f"http://127.0.0.1:{image_server.port}/missing"  # the image server answers 404 here
+    body = requests.post(stack.url + "/api/v1/batches", json={"urls": [missing]}, timeout=30).json()
+    job = stack.wait_job(body["jobs"][0]["job_id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "fetch_failed"
+    text = scrape_until(f"http://127.0.0.1:{metrics_port}/metrics", 'fetch_failures_total{reason="fetch_failed"}', 1)
+    assert metric(text, 'fetch_failures_total{reason="fetch_failed"}') == 1

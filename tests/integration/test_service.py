@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from shared.modeldir import read_model_info
-from tests.helpers import CLASSES, noise_png, post_images
+from tests.helpers import CLASSES, assert_thumbnail, noise_png, post_images
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_url_is_fetched_and_classified(url_stack):
     [job] = batch["jobs"]
     assert job["status"] == "done", job
     assert job["source"] == {"type": "url", "value": url} and job["image"]
-    assert requests.get(f"{stack.url}/images/{job['image']}.jpg", timeout=5).status_code == 200
+    assert_thumbnail(requests.get(f"{stack.url}/images/{job['image']}.jpg", timeout=5))
 
 
 def test_a_private_url_is_refused_without_the_allow_setting(stack, image_server):

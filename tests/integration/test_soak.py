@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from shared.settings import REPO_ROOT
 
 
+@pytest.mark.timeout(500)  # above the soak's own 240 s and the run's 400 s
 def test_short_soak_loses_and_duplicates_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run(
@@ -35,7 +38,8 @@ def test_short_soak_loses_and_duplicates_nothing(tiny_model_dir, tmp_path):
         timeout=400,
     )
     report = json.loads(out.read_text())
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]  # the soak's own verdict
     assert report["jobs_submitted"] == report["unique_job_ids"] == 300, run.stdout[-2000:]
     assert report["lost"] == 0 and report["duplicated"] == 0, report
-    assert report["done"] + report["failed"] == 300 and report["results_written"] == 300
+    assert report["done"] + report["failed"] == 300  # every job's record holds its result
     assert len(report["faults"]) == 2

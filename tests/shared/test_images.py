@@ -6,10 +6,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from shared.images import ImageRefused, check_image, preprocess, to_model_input
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, require
 
 
 def test_a_32px_image_passes_through_unchanged():
@@ -152,8 +152,9 @@ def test_to_model_input_of_a_tall_image():
 
 
 def test_avif_is_decoded():
-    from PIL import features
-
-    if not features.check("avif"):
-        pytest.skip("this Pillow has no AVIF decoder")
+    require(
+        features.check("avif"),
+        "Pillow with AVIF support",
+        "pip install -r requirements/dev.txt (Pillow's wheels carry it)",
+    )
     assert check_image(image_bytes("AVIF")).format == "AVIF"

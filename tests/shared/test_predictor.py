@@ -6,6 +6,9 @@ import pytest
 from shared import machine
 from shared.machine import cpu_name
 from shared.modeldir import resolve_precision, top_k
+from shared.predictor import Predictor
+from tests.helpers import SHIPPED_MODEL
+from training.photos import load_photos
 
 
 def test_an_explicit_precision_is_kept_and_a_wrong_one_refused():
@@ -51,3 +54,27 @@ def test_top_k_orders_by_probability_and_names_the_classes():
         [{"label": "b", "probability": 0.6}, {"label": "c", "probability": 0.3}],
         [{"label": "a", "probability": 0.5}, {"label": "c", "probability": 0.3}],
     ]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_photos("all").x  # real photos, through the service's own input path
+
+
+def test_tta_levels_average_exactly_the_views_they_name(photos):
+    x = photos[:24]
+    plain = Predictor(SHIPPED_MODEL, tta_level=0).logits
+    flip = lambda a: a[:, :, ::-1]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :32, :32], padded[:, 2:, 2:]  # the image shifted by one pixel
+    mirror = (plain(x) + plain(flip(x))) / 2
+    assert np.allclose(Predictor(SHIPPED_MODEL, tta_level=1).logits(x), mirror, atol=1e-3)
+    shifts = sum(plain(v) for v in (up_left, flip(up_left), down_right, flip(down_right))) / 8
+    assert np.allclose(Predictor(SHIPPED_MODEL, tta_level=2).logits(x), mirror / 2 + shifts, atol=1e-3)
+
+
+def test_bfloat16_gives_the_same_answers_as_float32(photos):
+    f32 = Predictor(SHIPPED_MODEL, precision="float32").predict_proba(photos)
+    bf16 = Predictor(SHIPPED_MODEL, precision="bfloat16").predict_proba(photos)
+    assert np.mean(f32.argmax(1) == bf16.argmax(1)) >= 0.98
+    assert np.abs(f32 - bf16).max() < 0.1

@@ -1,13 +1,11 @@
 """Dataset loading from archives the tests build: image folders and the official CIFAR format."""
 
-import io
 import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.helpers import make_tar
+from tests.helpers import image_bytes, make_tar
 from training import data
 from training.data import DatasetError, load_dataset, verify_md5
 
@@ -18,10 +16,8 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def _png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buf, "PNG")
-    return buf.getvalue()
+def png(color) -> bytes:
+    return image_bytes("PNG", size=(32, 32), color=color)
 
 
 def make_image_folder(root, classes=("cat", "ship"), per_class=3, top="mydata"):
@@ -30,7 +26,7 @@ def make_image_folder(root, classes=("cat", "ship"), per_class=3, top="mydata"):
             folder = root / top / split / c
             folder.mkdir(parents=True)
             for j in range(per_class):
-                (folder / f"{j}.png").write_bytes(_png((i * 100, j * 10, 50)))
+                (folder / f"{j}.png").write_bytes(png((i * 100, j * 10, 50)))
     return root / top
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from shared.modeldir import ModelLoadError, read_model_info
 from shared.settings import REPO_ROOT
-from tests.helpers import SHIPPED_MODEL, make_tar
+from tests.helpers import SHIPPED_MODEL, make_tar, require
 from training.data import SHARED_JPEG_ARCHIVE
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -155,38 +155,30 @@ def test_a_corrupt_model_file_is_refused(tmp_path, tiny_model_dir):
         read_model_info(bad)
 
 
-@pytest.mark.skipif(not (SHIPPED_MODEL / "model.json").exists(), reason="no shipped model yet")
-def test_the_shipped_model_knows_some_test_images():
-    """A few images of the shipped data copy, classified through the service's own path."""
-    if not SHARED_JPEG_ARCHIVE.exists():
-        pytest.skip("../shared/data is not beside the repo")
-    code = f"""
-import tarfile, numpy as np
-from shared.images import preprocess
-from shared.predictor import Predictor
-p = Predictor({str(SHIPPED_MODEL)!r})
-names, images = [], []
-with tarfile.open({str(SHARED_JPEG_ARCHIVE)!r}) as tar:
-    for m in tar:
-        parts = m.name.split("/")
-        if m.isfile() and "test" in parts and parts[-1] in ("0000.jpg", "0001.jpg", "0002.jpg"):
-            names.append(parts[-2]); images.append(preprocess(tar.extractfile(m).read()))
-pred = p.predict_proba(np.stack(images)).argmax(1)
-print(sum(p.info.classes[i] == n for i, n in zip(pred, names)), len(names))
-"""
+def test_the_shipped_model_knows_most_real_photos():
+    """`training.evaluate --photos`: the photo benchmark through the service's own path (no
+    dataset needed: the benchmark is in the repo)."""
     run = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-m", "training.evaluate", "--photos", "--split", "val"],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
-    right, total = map(int, run.stdout.split()[-2:])
-    assert total == 30 and right >= 25  # a 90 % model gets about 27 of 30
+    last = run.stdout.strip().splitlines()[-1]
+    figures = dict(kv.split("=") for kv in last.split())
+    assert list(figures) == ["photo_accuracy", "photo_top3", "photo_ece"], last
+    assert float(figures["photo_accuracy"]) >= 0.7 and float(figures["photo_top3"]) >= 0.9
+    assert "photos (val split, class-balanced)" in run.stdout and "of other photos" in run.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_evaluate_reproduces_the_shipped_figure_on_every_test_image():
     """`python -m training.evaluate` on all 10,000 test images gives the accuracy in model.json."""
-    if not SHARED_JPEG_ARCHIVE.exists():
-        pytest.skip("../shared/data is not beside the repo")
+    require(SHARED_JPEG_ARCHIVE.exists(), "../shared/data beside the repo", "the CIFAR-10 JPEG copy in ../shared/data")
     run = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--model", str(SHIPPED_MODEL)],
         cwd=REPO_ROOT,

@@ -155,3 +155,31 @@ def test_unknown_or_expired_jobs_are_skipped(state, calls):
     items[0]["job_id"] = "0" * 32
     predict_jobs(state, items)
     assert calls()[0] == 0
+
+
+def test_with_the_result_cache_on_the_same_image_reaches_the_model_once(state, calls):
+    _, first = submit(state, 2)
+    predict_jobs(state, first)
+    _, again = submit(state, 2)  # the same two images (submit's generator is seeded by n)
+    predict_jobs(state, again)
+    assert calls()[:2] == (1, 2)  # the second batch was answered from the cache
+
+
+def test_with_the_result_cache_off_every_image_reaches_the_model(state, calls):
+    state.cache = None  # RESULT_CACHE=0
+    for _ in range(2):
+        _, items = submit(state, 2)
+        predict_jobs(state, items)
+    assert calls()[:2] == (2, 4)
+
+
+def test_the_cache_is_per_model_configuration(state, calls, tiny_model_dir):
+    """A cached answer belongs to the model version, TTA level, precision and runtime that made it."""
+    _, items = submit(state, 2)
+    predict_jobs(state, items)
+    other = Predictor(tiny_model_dir, tta_level=1)
+    assert other.cache_namespace != state.predictor.cache_namespace
+    state.predictor, state.cache = other, state.store.result_cache(other.cache_namespace)
+    _, again = submit(state, 2)
+    predict_jobs(state, again)
+    assert calls()[:2] == (2, 4)  # not answered from the other configuration's cache
