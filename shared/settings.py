@@ -48,6 +48,7 @@ class Settings:
     visibility_timeout: int = 60         # seconds before an unacknowledged task is redelivered
     worker_heartbeat_seconds: float = 5.0
     rate_limit: str = "600/minute;20000/hour"  # per client, on submissions
+    trusted_proxies: int = 0             # reverse proxies in front of the web tier (docker-compose: 1, nginx)
     log_json: bool = True
 
     @classmethod

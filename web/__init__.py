@@ -10,6 +10,7 @@ import redis
 from flask import Flask, g, jsonify, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.jobs import JobStore
 from shared.logs import setup_logging
@@ -69,6 +70,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
         DEBUG=settings.debug,
     )
+    if settings.trusted_proxies:
+        # Behind reverse proxies (docker-compose: nginx) the client is the address the nearest
+        # one put in X-Forwarded-For; per-client rate limits would otherwise count all clients as one.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     app.extensions["settings"] = settings
     app.extensions["jobs"] = JobStore.from_url(settings.redis_url, settings.retention_seconds)
     app.extensions["images"] = ImageStore(settings.storage_dir)
