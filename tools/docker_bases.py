@@ -201,6 +201,7 @@ def ensure_wheelhouse(gpu: bool = False) -> int:
     reqs = pinned_requirements(REQUIREMENTS / "model.txt") + ([gpu_requirement()] if gpu else [])
     cache = CACHE_DIR / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
+    say(f"wheelhouse: pip download of {len(reqs)} pins and their dependencies into {cache}")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="wheelhouse-") as f:
         f.write("\n".join(reqs) + "\n")
         f.flush()

@@ -41,19 +41,25 @@ def pytest_terminal_summary(terminalreporter):
     if not FIGURES:
         return
     f = FIGURES
-    parts = [f"build {f['build_s']:.0f} s (engine, bases, wheels {f['prepare_s']:.0f} s)" if "build_s" in f else None,
+    parts = [f"prepare {f['prepare_s']:.0f} s (engine, base images, wheels)" if "prepare_s" in f else None,
+             f"build {f['build_s']:.0f} s" if "build_s" in f else None,
              f"up to ready {f['ready_s']:.1f} s" if "ready_s" in f else None,
              f"{f['batch_images']} images in {f['batch_s']:.1f} s" if "batch_s" in f else None,
              "jobs per worker container " + "/".join(map(str, f["jobs_per_worker"])) if "jobs_per_worker" in f
              else None,
-             f"killed worker's jobs done {f['recovery_s']:.1f} s after the SIGKILL (target 20 s)"
+             f"killed worker's jobs done {f['recovery_s']:.1f} s after its SIGKILL (target 20 s)"
              if "recovery_s" in f else None,
-             f"Redis restart: batch done {f['redis_batch_s']:.1f} s after submit" if "redis_batch_s" in f else None,
+             f"batch done {f['redis_recovery_s']:.1f} s after a Redis restart" if "redis_recovery_s" in f else None,
              "images " + ", ".join(f"{k} {v} MB" for k, v in f["image_mb"].items()) if "image_mb" in f else None]
-    line = "compose summary: " + "; ".join(p for p in parts if p)
+    line = "compose summary: " + ", ".join(p for p in parts if p)
     terminalreporter.write_line(line)
     OUTPUT_DIR.mkdir(exist_ok=True)
     (OUTPUT_DIR / "compose-summary.json").write_text(json.dumps(dict(FIGURES, line=line), indent=2) + "\n")
+
+
+def progress(request, message: str) -> None:
+    """A line on the terminal while a slow step runs (pytest captures everything else)."""
+    request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"compose: {message}")
 
 
 # --- docker-compose for one project ------------------------------------------------------------
@@ -161,18 +167,22 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def docker_prepared():
+def docker_prepared(request):
     from tools.docker_bases import prepare
-    result = prepare()
+    progress(request, "Docker engine, base images and wheelhouse (minutes the first time)")
+    # Its own progress lines (debootstrap, stand-ins) go to the terminal, not into pytest's capture.
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        result = prepare()
     FIGURES["prepare_s"] = result["seconds"]
     FIGURES["base_images"] = result["base_images"]
     return result
 
 
 @pytest.fixture(scope="session")
-def images_built(docker_prepared):
+def images_built(request, docker_prepared):
     # Building needs no secrets, but the compose file refuses to load without Flower's.
     env = dict(os.environ, FLOWER_BASIC_AUTH="build:unused")
+    progress(request, f"docker-compose build {' '.join(BUILT_SERVICES)}")
     t0 = time.monotonic()
     Compose("cifarsvc-build", env)("build", *BUILT_SERVICES, timeout=1800)
     FIGURES["build_s"] = round(time.monotonic() - t0, 1)
@@ -182,8 +192,9 @@ def images_built(docker_prepared):
 
 
 @pytest.fixture(scope="session")
-def stack(images_built):
+def stack(request, images_built):
     project = f"cifarsvctest{secrets.token_hex(4)}"
+    progress(request, f"docker-compose -p {project} up (torn down with down -v at the end)")
     flower_auth = ("flower", secrets.token_hex(16))
     env = dict(os.environ, COMPOSE_PROJECT_NAME=project,
                SECRET_KEY=secrets.token_hex(32), FLOWER_BASIC_AUTH=":".join(flower_auth),

@@ -290,9 +290,11 @@ def redis_restart(stack, test_images, worker_kill):
     submitted = stack.submit(as_files(images))
     _wait_done(stack, submitted["batch_id"], len(images) // 5)
     [redis] = stack.compose.containers("redis")
+    restarted_at = time.time()
     docker("restart", "-t", "10", redis)
     batch = stack.wait_batch(submitted["batch_id"], timeout=300)
     FIGURES["redis_batch_s"] = round(time.monotonic() - t0, 1)
+    FIGURES["redis_recovery_s"] = round(max(parse_time(j["finished_at"]) for j in batch["jobs"]) - restarted_at, 1)
     return dict(submitted=submitted, batch=batch)
 
 
