@@ -59,7 +59,12 @@ def pytest_terminal_summary(terminalreporter):
 
 def progress(request, message: str) -> None:
     """A line on the terminal while a slow step runs (pytest captures everything else)."""
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"compose: {message}")
+    with uncaptured(request):
+        request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"compose: {message}")
+
+
+def uncaptured(request):
+    return request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled()
 
 
 # --- docker-compose for one project ------------------------------------------------------------
@@ -171,7 +176,7 @@ def docker_prepared(request):
     from tools.docker_bases import prepare
     progress(request, "Docker engine, base images and wheelhouse (minutes the first time)")
     # Its own progress lines (debootstrap, stand-ins) go to the terminal, not into pytest's capture.
-    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+    with uncaptured(request):
         result = prepare()
     FIGURES["prepare_s"] = result["seconds"]
     FIGURES["base_images"] = result["base_images"]
