@@ -21,10 +21,11 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LANG=C
 FROM python AS deps
 COPY requirements /requirements
 COPY docker/wheels /wheels
-# venv-install -r FILE: into /opt/venv, from the wheelhouse when there is one; then pip itself
-# leaves the venv (an installer is no runtime package).
+# venv-install -r FILE: into /opt/venv, from the wheelhouse when there is one (only from it,
+# unless ALSO_FROM_INDEX is set); then pip itself leaves the venv (an installer is no runtime package).
 RUN printf '%s\n' '#!/bin/sh' 'set -e' \
-        'if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels "$@"; fi' \
+        'if ls /wheels/*.whl >/dev/null 2>&1; then' \
+        '  set -- --find-links /wheels "$@"; [ -n "$ALSO_FROM_INDEX" ] || set -- --no-index "$@"; fi' \
         '/opt/venv/bin/pip install --no-warn-script-location "$@"' \
         '/opt/venv/bin/python -m pip uninstall -y -q pip' > /usr/local/bin/venv-install \
     && chmod +x /usr/local/bin/venv-install && python -m venv /opt/venv
@@ -71,7 +72,7 @@ CMD ["nginx-start"]
 # --- the prediction workers -----------------------------------------------------------------
 FROM deps AS deps-model
 # TensorFlow's C++ headers (290 MB) are for compiling custom ops; a worker never does.
-RUN venv-install -r /requirements/model.txt && rm -r /opt/venv/lib/python3*/site-packages/tensorflow/include
+RUN venv-install -r /requirements/model.txt && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
 
 FROM app AS worker
 COPY --from=deps-model /opt/venv /opt/venv
@@ -83,11 +84,14 @@ USER app
 CMD ["python", "-m", "worker", "--queues", "predict"]
 
 FROM deps AS deps-gpu
-# model.txt with TensorFlow's CUDA build of the pinned version instead of the CPU build.
+# model.txt with TensorFlow's CUDA build of the pinned version instead of the CPU build. Its CUDA
+# wheels (GBs) are in the wheelhouse only after `python -m tools.docker_bases --gpu`: what is
+# missing there comes from the index.
 RUN version="$(sed -n 's/^tensorflow-cpu==//p' /requirements/model.txt)" \
     && sed '/^tensorflow-cpu==/d' /requirements/model.txt > /requirements/gpu.txt \
     && echo "tensorflow[and-cuda]==$version" >> /requirements/gpu.txt \
-    && venv-install -r /requirements/gpu.txt && rm -r /opt/venv/lib/python3*/site-packages/tensorflow/include
+    && ALSO_FROM_INDEX=1 venv-install -r /requirements/gpu.txt \
+    && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
 
 FROM app AS gpu
 COPY --from=deps-gpu /opt/venv /opt/venv

@@ -3,9 +3,10 @@
     python -m tools.docker_bases          (what `make docker-prepare` and the compose test run)
     python -m tools.docker_bases --gpu    (also the CUDA wheels for the `gpu` target: several GB)
 
-1. The engine: `docker`, `docker-compose` and `debootstrap` are apt-installed when missing (as
-   root), and `dockerd` is started in the background when none answers (machines without
-   systemd). It is left running, like a system service; its log is in the cache folder.
+1. The engine: `docker` and `docker-compose` are apt-installed when missing (as root; and
+   `debootstrap` when a stand-in needs it), and `dockerd` is started in the background when
+   none answers (machines without systemd). It is left running, like a system service; its
+   log is in the cache folder.
 2. The base images `python:3.11-slim` and `redis:7-alpine`: pulled when a registry answers. On
    machines without one, local stand-ins are built under the same tags, so the Dockerfile and
    docker-compose.yml name only the official images: a Debian bookworm root file system from
@@ -53,7 +54,7 @@ STANDIN_LABEL = "cifar-svc.standin"
 WHEEL_TARGET = ["--only-binary=:all:", "--implementation", "cp", "--python-version", "3.11", "--abi", "cp311",
                 *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)),
                 *(f"--platform={legacy}_x86_64" for legacy in ("manylinux2014", "manylinux2010", "manylinux1"))]
-APT_PACKAGES = {"docker": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap"}
+APT_PACKAGES = {"docker": "docker.io", "docker-compose": "docker-compose"}  # debootstrap: when needed
 
 
 def say(msg: str) -> None:
@@ -69,15 +70,21 @@ def engine_answers() -> bool:
     return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
+def apt_install(packages: dict[str, str]) -> None:
+    """Install the Debian packages (program -> package) whose program is not on PATH."""
+    missing = sorted({pkg for exe, pkg in packages.items() if shutil.which(exe) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"install {' '.join(missing)} (apt-get, as root), then run this again")
+    say(f"installing {' '.join(missing)}")
+    run(["apt-get", "update", "-qq"])
+    run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
 def ensure_engine(timeout: float = 60.0) -> None:
-    missing = sorted({pkg for exe, pkg in APT_PACKAGES.items() if shutil.which(exe) is None})
-    if missing:
-        if os.geteuid() != 0:
-            raise SystemExit(f"install {' '.join(missing)} (apt-get, as root), then run this again")
-        say(f"installing {' '.join(missing)}")
-        run(["apt-get", "update", "-qq"])
-        run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
-            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    apt_install(APT_PACKAGES)
     if engine_answers():
         return
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
@@ -130,6 +137,7 @@ def rootfs_tarball() -> Path:
     tarball = CACHE_DIR / f"{SUITE}-minbase-{key}.tar"
     if tarball.exists():
         return tarball
+    apt_install({"debootstrap": "debootstrap"})
     mirror = apt_mirror()
     say(f"debootstrap {SUITE} from {mirror} (cached as {tarball})")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """docker-compose.yml as docker-compose resolves it: shape, settings from the environment, safe
 defaults. Needs only the docker-compose program, no engine (test_compose.py runs the stack)."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -67,3 +68,11 @@ def test_images_by_target_and_redis_persists(config):
     assert "healthcheck" in services["redis"]
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+
+
+def test_the_cpu_images_never_build_tensorflow_for_gpu():
+    # The legacy builder (docker-compose v1's) builds every stage above the target, needed or
+    # not: the GPU stages must come after every CPU target, and TensorFlow after runtime's.
+    stages = re.findall(r"^FROM \S+ AS (\S+)", (REPO_ROOT / "Dockerfile").read_text(), re.M)
+    assert stages.index("deps-gpu") > max(stages.index(t) for t in ("runtime", "nginx", "worker"))
+    assert stages.index("deps-model") > max(stages.index(t) for t in ("runtime", "nginx"))
