@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 REQS   := $(wildcard requirements/*.txt) pyproject.toml
 STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test test-slow lint format train evaluate benchmark clean
+.PHONY: setup run test test-slow test-compose docker-prepare lint format train evaluate benchmark clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# The real deployment: Docker engine (installed and started if missing), base images, wheels,
+# docker-compose build and up, then faults; always torn down. tests/deployment/test_compose.py.
+test-compose: setup
+	$(BIN)/python -m pytest -m compose tests/deployment
+
+# What `docker-compose build` needs on a machine without a registry (tools/docker_bases.py).
+docker-prepare: setup
+	$(BIN)/python -m tools.docker_bases
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,10 +1,19 @@
-"""A local HTTP server of images, optionally slow: the remote site for URL tests and benchmarks."""
+"""A local HTTP server of images, optionally slow: the remote site for URL tests and benchmarks.
 
+    python -m tools.imageserver [--host 0.0.0.0] [--port 8000] [--count 50]
+
+serves generated JPEGs as /<n>.jpg (the compose test runs it as a container on the compose network).
+"""
 from __future__ import annotations
 
+import argparse
 import http.server
+import io
 import threading
 import time
+
+import numpy as np
+from PIL import Image
 
 
 class ImageServer(http.server.ThreadingHTTPServer):
@@ -13,11 +22,11 @@ class ImageServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, images: list[bytes], delay: float = 0.0):
+    def __init__(self, images: list[bytes], delay: float = 0.0, host: str = "127.0.0.1", port: int = 0):
         self.images, self.delay = images, delay
         self.served, self.last_served_at = 0, None  # answered requests, and when (perf_counter)
         self._count_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, port), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -47,3 +56,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def generated_jpegs(count: int) -> list[bytes]:
+    """Distinct 64x48 JPEGs (a colour gradient each), so that none is a cached result of another."""
+    out = []
+    for n in range(count):
+        rng = np.random.default_rng(n)
+        a = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--count", type=int, default=50, help="distinct images (/<n>.jpg takes n modulo this)")
+    args = p.parse_args(argv)
+    server = ImageServer(generated_jpegs(args.count), host=args.host, port=args.port)
+    print(f"serving {args.count} images on http://{args.host}:{server.port}/<n>.jpg", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import secrets
 
 import redis
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
@@ -39,6 +40,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions.update(
         settings=settings, jobs=store, images=ImageStore(settings.storage_dir), celery=celery_init_app(settings)
     )
+    if settings.trusted_proxies:
+        # Behind reverse proxies (docker-compose: nginx) the client is the address the nearest
+        # one put in X-Forwarded-For; per-client rate limits would otherwise count all clients as one.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     limiter.init_app(app)
     csrf.init_app(app)
     csrf.exempt(api)

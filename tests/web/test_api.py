@@ -200,6 +200,24 @@ def test_submissions_are_rate_limited_per_client_with_retry_after(settings_facto
     assert client.get("/healthz").status_code == 200  # reading is not limited
 
 
+def test_behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for(settings_factory):
+    from web import create_app
+
+    def submit(client, ip):
+        return client.post(
+            "/api/v1/batches",
+            data={"images": [(io.BytesIO(noise_png(1)), "a.png")]},
+            content_type="multipart/form-data",
+            headers={"X-Forwarded-For": ip},
+        ).status_code
+
+    behind = create_app(settings_factory(rate_limit="1/minute", trusted_proxies=1)).test_client()
+    assert [submit(behind, ip) for ip in ("203.0.113.1", "203.0.113.2", "203.0.113.1")] == [202, 202, 429]
+    # Without a trusted proxy the header is only the client's own claim: ignored.
+    direct = create_app(settings_factory(rate_limit="1/minute")).test_client()
+    assert [submit(direct, ip) for ip in ("203.0.113.3", "203.0.113.4")] == [202, 429]
+
+
 def test_pages_carry_security_headers(client):
     resp = client.get("/")
     csp = resp.headers["Content-Security-Policy"]
