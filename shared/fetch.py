@@ -131,8 +131,15 @@ class _PinnedAdapter(HTTPAdapter):
         )
 
 
-def fetch(url: str, *, allow_hosts=frozenset(), timeout: float = 10.0, max_bytes: int = 10 << 20,
-          max_redirects: int = 5, ca_bundle: str = "") -> bytes:
+def fetch(
+    url: str,
+    *,
+    allow_hosts=frozenset(),
+    timeout: float = 10.0,
+    max_bytes: int = 10 << 20,
+    max_redirects: int = 5,
+    ca_bundle: str = "",
+) -> bytes:
     """GET url with every rule above; returns the body or raises UrlRefused. TLS certificates
     are checked against requests' CA bundle (certifi), or against ca_bundle (a PEM file) if given."""
     deadline = time.monotonic() + timeout

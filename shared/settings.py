@@ -61,7 +61,7 @@ class Settings:
     worker_metrics_port: int = 0  # `python -m worker` serves its processes' metrics here (0: off)
     prometheus_multiproc_dir: str = ""  # where each process writes its metrics (prometheus-client's variable)
     rate_limit: str = "600/minute;20000/hour"  # per client, on submissions
-    trusted_proxies: int = 0             # reverse proxies in front of the web tier (docker-compose: 1, nginx)
+    trusted_proxies: int = 0  # reverse proxies in front of the web tier (docker-compose: 1, nginx)
     log_json: bool = True
     cache_dir: Path = field(default=Path.home() / ".cache" / "cifar-svc", metadata={"env": "CIFAR_SVC_CACHE"})
 

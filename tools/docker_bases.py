@@ -22,6 +22,7 @@
 What is slow to make (the root file system, the wheels) is cached in
 $CIFAR_SVC_CACHE/docker (default ~/.cache/cifar-svc/docker), outside the repository.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,17 @@ STANDIN_LABEL = "cifar-svc.standin"
 # The wheels are for the Python the images run: CPython 3.11 (Debian bookworm's 3.11.2 in the
 # stand-in, the newest 3.11 in the official image) on x86-64 with glibc 2.36 or newer. Every
 # manylinux tag up to 2.36 is listed: pip before 24 does not widen a --platform by itself.
-WHEEL_TARGET = ["--only-binary=:all:", "--implementation", "cp", "--python-version", "3.11", "--abi", "cp311",
-                *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)),
-                *(f"--platform={legacy}_x86_64" for legacy in ("manylinux2014", "manylinux2010", "manylinux1"))]
+WHEEL_TARGET = [
+    "--only-binary=:all:",
+    "--implementation",
+    "cp",
+    "--python-version",
+    "3.11",
+    "--abi",
+    "cp311",
+    *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)),
+    *(f"--platform={legacy}_x86_64" for legacy in ("manylinux2014", "manylinux2010", "manylinux1")),
+]
 APT_PACKAGES = {"docker": "docker.io", "docker-compose": "docker-compose"}  # debootstrap: when needed
 
 
@@ -79,8 +88,11 @@ def apt_install(packages: dict[str, str]) -> None:
         raise SystemExit(f"install {' '.join(missing)} (apt-get, as root), then run this again")
     say(f"installing {' '.join(missing)}")
     run(["apt-get", "update", "-qq"])
-    run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
-        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    run(
+        ["apt-get", "install", "-y", "-qq", *missing],
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+    )
 
 
 def ensure_engine(timeout: float = 60.0) -> None:
@@ -94,8 +106,9 @@ def ensure_engine(timeout: float = 60.0) -> None:
     say(f"starting dockerd (log: {log})")
     with open(log, "ab") as out:
         # Its own session: it outlives this process and a Ctrl-C here does not reach it.
-        subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True)
+        subprocess.Popen(
+            ["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     while not engine_answers():
         if time.monotonic() > deadline:
@@ -105,13 +118,20 @@ def ensure_engine(timeout: float = 60.0) -> None:
 
 # --- 2. base images --------------------------------------------------------------------------
 def image_exists(tag: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", tag], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    return (
+        subprocess.run(
+            ["docker", "image", "inspect", tag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ).returncode
+        == 0
+    )
 
 
 def is_standin(tag: str) -> bool:
-    out = subprocess.run(["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{STANDIN_LABEL}"}}}}',
-                          tag], capture_output=True, text=True)
+    out = subprocess.run(
+        ["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{STANDIN_LABEL}"}}}}', tag],
+        capture_output=True,
+        text=True,
+    )
     return out.returncode == 0 and out.stdout.strip() not in ("", "<no value>")
 
 
@@ -143,11 +163,18 @@ def rootfs_tarball() -> Path:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="rootfs-", dir=CACHE_DIR))
     try:
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}", SUITE,
-             str(root), mirror], stdout=subprocess.DEVNULL)
+        run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}", SUITE, str(root), mirror],
+            stdout=subprocess.DEVNULL,
+        )
         # Package caches and lists are rebuilt by `apt-get update` in whatever image needs them.
-        for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*_*",
-                        "var/log/*.log", "var/log/apt/*"):
+        for pattern in (
+            "var/cache/apt/archives/*.deb",
+            "var/cache/apt/*.bin",
+            "var/lib/apt/lists/*_*",
+            "var/log/*.log",
+            "var/log/apt/*",
+        ):
             for p in root.glob(pattern):
                 p.unlink()
         partial = tarball.with_suffix(".partial")
@@ -171,10 +198,25 @@ def ensure_base_images() -> dict[str, str]:
             continue
         say(f"cannot pull {tag} ({pulled.stderr.strip().splitlines()[-1:]}): building a stand-in")
         if not image_exists(ROOTFS_TAG):
-            run(["docker", "import", "-m", "debootstrap --variant=minbase", str(rootfs_tarball()), ROOTFS_TAG],
-                stdout=subprocess.DEVNULL)
-        run(["docker", "build", "-q", "-t", tag, "--build-arg", f"BASE={ROOTFS_TAG}",
-             "-f", str(STANDINS_DIR / STANDINS[tag]), str(STANDINS_DIR)], stdout=subprocess.DEVNULL)
+            run(
+                ["docker", "import", "-m", "debootstrap --variant=minbase", str(rootfs_tarball()), ROOTFS_TAG],
+                stdout=subprocess.DEVNULL,
+            )
+        run(
+            [
+                "docker",
+                "build",
+                "-q",
+                "-t",
+                tag,
+                "--build-arg",
+                f"BASE={ROOTFS_TAG}",
+                "-f",
+                str(STANDINS_DIR / STANDINS[tag]),
+                str(STANDINS_DIR),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         origin[tag] = "stand-in built"
     return origin
 
@@ -213,9 +255,24 @@ def ensure_wheelhouse(gpu: bool = False) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="wheelhouse-") as f:
         f.write("\n".join(reqs) + "\n")
         f.flush()
-        out = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                              "--progress-bar", "off", "-d", str(cache), *WHEEL_TARGET, "-r", f.name],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off",
+                "-d",
+                str(cache),
+                *WHEEL_TARGET,
+                "-r",
+                f.name,
+            ],
+            capture_output=True,
+            text=True,
+        )
     if out.returncode != 0:
         raise SystemExit(f"pip download failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
     # The files of this download (a cache filled by other pins holds more): pip names each one.

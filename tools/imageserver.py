@@ -4,6 +4,7 @@
 
 serves generated JPEGs as /<n>.jpg (the compose test runs it as a container on the compose network).
 """
+
 from __future__ import annotations
 
 import argparse
