@@ -9,7 +9,9 @@ Every job belongs to a batch (a single-image submission is a batch of one).
   batch:<id>:changes   sorted set: job ids by the batch version of their last change
   batch:<id>:events    pub/sub channel: a message per change (for long-polling)
   jobs:pending         sorted set: unfinished job ids, scored by when their task was queued
-  workers:heartbeat    sorted set: worker nodes by their last heartbeat
+  workers:heartbeat    sorted set: model processes by their last heartbeat (readiness)
+  consumers:heartbeat  sorted set: worker processes that take tasks, by their last heartbeat
+  held:<node>          sorted set: task (job) ids a worker process received, by when
   lock:<name>          short-lived locks: one janitor, one image sweep at a time
   web:secret-key       the web tier's shared secret when SECRET_KEY is not set
   cache:<key>          cached prediction results (ResultCache)
@@ -36,6 +38,7 @@ from shared.schemas import FINAL_STATUSES, STATUSES
 
 PENDING = "jobs:pending"
 HEARTBEATS = "workers:heartbeat"
+CONSUMERS = "consumers:heartbeat"
 SECRET_KEY = "web:secret-key"
 BATCH_PREFIX = "batch:"
 # kombu's Redis transport keeps the messages a worker holds, unacknowledged, in this hash.
@@ -306,6 +309,31 @@ class JobStore:
 
     def live_workers(self, since: float) -> list[str]:
         return self.redis.zrangebyscore(HEARTBEATS, since, "+inf")
+
+    def record_consumer(self, node: str, now: float, received: list[str], keep_seconds: float) -> None:
+        """A worker process that takes tasks is alive and has received these task ids. Ids older
+        than keep_seconds are dropped: their tasks are finished or back with the broker by then."""
+        key = f"held:{node}"
+        with self.redis.pipeline() as p:
+            p.zadd(CONSUMERS, {node: now})
+            if received:
+                p.zadd(key, dict.fromkeys(received, now))
+            p.zremrangebyscore(key, "-inf", now - keep_seconds)
+            p.expire(key, int(keep_seconds) + 60)
+            p.execute()
+
+    def silent_consumers(self, since: float) -> list[str]:
+        """Worker processes whose last heartbeat is older than `since`: dead, or cut off."""
+        return self.redis.zrangebyscore(CONSUMERS, "-inf", since)
+
+    def held_by(self, node: str) -> list[str]:
+        return self.redis.zrange(f"held:{node}", 0, -1)
+
+    def forget_consumer(self, node: str) -> None:
+        with self.redis.pipeline() as p:
+            p.zrem(CONSUMERS, node)
+            p.delete(f"held:{node}")
+            p.execute()
 
     def take_lock(self, name: str, owner: str, seconds: float) -> bool:
         """True if this owner now holds the lock for `seconds` (nobody else held it)."""

@@ -54,7 +54,8 @@ class Settings:
     task_max_attempts: int = 3  # deliveries of one job before it fails as poison
     task_soft_time_limit: float = 30.0  # seconds for one prediction batch or fetch
     visibility_timeout: int = 60  # seconds before an unacknowledged task is redelivered
-    worker_heartbeat_seconds: float = 5.0
+    worker_heartbeat_seconds: float = 2.0
+    worker_dead_after_seconds: float = 10.0  # a worker silent this long is dead: its jobs are queued again
     worker_role: str = "predict"  # what a Celery worker process does: predict | fetch (set by `python -m worker`)
     worker_pool: str = "prefork"  # predict queue: prefork (model in a child process) | solo (in the worker)
     worker_app: str = "worker.app"  # the Celery app `python -m worker` runs (tests run one that injects faults)

@@ -2,7 +2,9 @@
 
 Tasks are thin: they unpack the message and call worker.prediction or worker.fetching. The
 model is loaded once per worker process, after the fork (TensorFlow must not be imported
-before forking).
+before forking). Every worker process beats: the model processes for readiness (/readyz), the
+processes that take tasks with the ids they received, so that the janitor can queue a dead
+worker's jobs again (worker/janitor.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from queue import Queue
 
@@ -21,16 +24,39 @@ from celery_batches import Batches
 
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
-from shared.queue import FETCH_TASK, PREDICT_TASK, FetchTask, celery_init_app
+from shared.queue import FETCH_TASK, PREDICT_TASK, FetchTask, PredictTask, celery_init_app, enqueue
 from shared.settings import Settings
 from shared.storage import ImageStore
 from worker.fetching import fetch_job
-from worker.janitor import rescue_lost_tasks, sweep_expired_images
+from worker.janitor import rescue_dead_workers, rescue_lost_tasks, sweep_expired_images
 from worker.prediction import predict_jobs
-from worker.state import WorkerState
+from worker.state import WorkerState, until_redis_answers
 
 log = logging.getLogger(__name__)
 IMAGE_SWEEP_SECONDS = 3600
+
+
+def node_name() -> str:
+    """This process, uniquely: a restarted container has the same host name and often the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class ReceivedTasks:
+    """Task ids this process received and has not recorded yet (thread-safe)."""
+
+    def __init__(self):
+        self._ids, self._lock, self.arrived = [], threading.Lock(), threading.Event()
+
+    def add(self, task_id: str) -> None:
+        with self._lock:
+            self._ids.append(task_id)
+        self.arrived.set()
+
+    def take(self) -> list[str]:
+        with self._lock:
+            ids, self._ids = self._ids, []
+            self.arrived.clear()
+        return ids
 
 
 def load_predictor(settings: Settings):
@@ -63,17 +89,23 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         app,
     )
     app.state = state
+    received = ReceivedTasks()
 
+    # shared=False: the tasks belong to this app alone (Celery's default adds a task to every
+    # app made afterwards, so a second app in one process would run the first one's tasks).
     @app.task(
         name=PREDICT_TASK,
         base=ReconnectingBatches,
         flush_every=settings.predict_batch_size,
         flush_interval=settings.predict_batch_wait_ms / 1000.0,
         acks_late=True,
+        shared=False,
     )
     def predict(requests):
         # Every message that arrived within the wait (up to the batch size): one model call.
-        predict_jobs(state, [dict(r.kwargs) for r in requests])
+        t0 = time.perf_counter()
+        outcomes = predict_jobs(state, [dict(r.kwargs) for r in requests])
+        send_task_events(app, requests, outcomes, time.perf_counter() - t0)
 
     @app.task(name=FETCH_TASK, acks_late=True, shared=False)
     def fetch(job_id: str, url: str, top_k: int = 3):
@@ -90,13 +122,37 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
 
     @signals.worker_init.connect(weak=False)
     def start_main_process(sender=None, **_):
-        if role == "fetch":
-            threading.Thread(target=_sweep_images, args=(state,), daemon=True, name="image-sweep").start()
         # Pools without child processes (solo, threads) never fire worker_process_init.
-        elif sender is not None and sender.pool_cls.__module__.split(".")[-1] in ("solo", "thread"):
+        if role == "predict" and sender is not None and sender.pool_cls.__module__.split(".")[-1] in ("solo", "thread"):
             _start_predicting(state, make_predictor)
 
+    @signals.task_received.connect(weak=False)
+    def remember_received(request=None, **_):  # in the process that takes messages off the queue
+        received.add(request.id)
+
+    @signals.worker_ready.connect(weak=False)
+    def start_beating(**_):
+        threading.Thread(target=_consumer_heartbeat, args=(state, received), daemon=True, name="consumer").start()
+
     return app
+
+
+def send_task_events(app, requests, outcomes: dict[str, tuple[str, str]], runtime: float) -> None:
+    """Flower (and `celery events`) learn a task's end from task events; celery-batches runs the
+    batch as one task and sends none for the tasks in it, which Flower then shows as PENDING
+    forever. Send each task's own: succeeded, or failed with the job's error code."""
+    if not app.conf.worker_send_task_events or not requests:
+        return
+    try:
+        with app.pool.acquire(block=True) as conn, app.events.Dispatcher(conn, hostname=requests[0].hostname) as events:
+            for r in requests:
+                status, code = outcomes.get(r.id, ("", ""))
+                if status == "done":
+                    events.send("task-succeeded", uuid=r.id, result="done", runtime=runtime)
+                elif status == "failed":
+                    events.send("task-failed", uuid=r.id, exception=code, traceback="")
+    except Exception as exc:  # noqa: BLE001 - events are for dashboards: never fail a batch for them
+        log.debug("task events not sent: %s", exc)
 
 
 class ReconnectingBatches(Batches):
@@ -105,14 +161,20 @@ class ReconnectingBatches(Batches):
     Celery rebuilds task strategies when its consumer reconnects, with a new timer. Batches
     keeps its flush timer from the old one (dead), so buffered messages would wait until a
     full batch arrived: the soak test left jobs stuck that way after a Redis restart. The
-    buffered messages belong to the lost connection and come back from the broker (restored,
-    or redelivered after the visibility timeout), so the buffer starts empty too."""
+    buffered messages belong to the lost connection (they can no longer be acknowledged), so
+    the buffer starts empty, and their tasks are queued again at once: left to the broker, they
+    came back only after the visibility timeout (a minute, in the compose test)."""
 
     def Strategy(self, task, app, consumer):
         if self._tref is not None:
             self._tref.cancel()
         self._tref = None
+        stranded = list(self._buffer.queue) + list(self._pending.queue)
         self._buffer, self._pending = Queue(), Queue()
+        if stranded:
+            tasks = [PredictTask(r.id, r.kwargs["pixels"], r.kwargs.get("top_k", 3)) for r in stranded]
+            until_redis_answers(enqueue, app, tasks, [], deadline_s=60)
+            log.warning("reconnected: re-queued %d buffered tasks", len(tasks))
         return super().Strategy(task, app, consumer)
 
 
@@ -125,32 +187,44 @@ def _start_predicting(state: WorkerState, make_predictor) -> None:
     state.predictor.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
     info = state.predictor.info
     log.info("model %s %s ready in %.1fs", info.name, info.version, time.perf_counter() - t0)
-    threading.Thread(target=_heartbeat, args=(state,), daemon=True, name="heartbeat").start()
+    threading.Thread(target=_model_heartbeat, args=(state,), daemon=True, name="heartbeat").start()
 
 
-def _heartbeat(state: WorkerState) -> None:
-    """Tell the web tier (/readyz) that a worker with the model loaded is alive; and, in one
-    worker at a time, look for jobs whose task was lost (worker/janitor.py)."""
-    node = f"{socket.gethostname()}:{os.getpid()}"
-    period = state.settings.worker_heartbeat_seconds
+def _model_heartbeat(state: WorkerState) -> None:
+    """Tell the web tier (/readyz) that a process with the model loaded is alive."""
+    node = node_name()
     while True:
         try:
-            now = time.time()
-            state.store.record_heartbeat(node, now)
-            if state.store.take_lock("janitor", node, period):
-                rescue_lost_tasks(state, now)
+            state.store.record_heartbeat(node, time.time())
         except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
             log.debug("heartbeat failed: %s", exc)
-        time.sleep(period)
+        time.sleep(state.settings.worker_heartbeat_seconds)
 
 
-def _sweep_images(state: WorkerState) -> None:
-    """Hourly, in whichever fetch worker takes the lock: fetch workers share the image volume."""
-    node = f"{socket.gethostname()}:{os.getpid()}"
+def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
+    """Record what this process received as soon as it arrives (a worker killed a second after
+    taking its messages must have said which they were), beat, and, in one worker at a time,
+    do the housekeeping: a dead worker's jobs, lost tasks, and (fetch workers, who share the
+    image volume) expired images, hourly."""
+    s, node = state.settings, node_name()
+    keep = 2 * s.visibility_timeout  # by then a task is finished, or back with the broker
+    pending: list[str] = []  # received, but not yet recorded (Redis was away)
+    next_beat = 0.0
     while True:
+        received.arrived.wait(timeout=max(0.0, next_beat - time.monotonic()))  # new tasks, or time to beat
+        time.sleep(0.02)  # a burst of messages: one write for all of it
+        pending += received.take()
         try:
-            if state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
-                sweep_expired_images(state)
-        except Exception as exc:  # noqa: BLE001 - try again next time
-            log.warning("image sweep failed: %s", exc)
-        time.sleep(60)
+            now = time.time()
+            state.store.record_consumer(node, now, pending, keep)
+            pending = []
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + s.worker_heartbeat_seconds
+                if state.store.take_lock("janitor", node, s.worker_heartbeat_seconds):
+                    rescue_dead_workers(state, now)
+                    rescue_lost_tasks(state, now)
+                if s.worker_role == "fetch" and state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
+                    sweep_expired_images(state)
+        except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
+            log.debug("heartbeat failed: %s", exc)
+            time.sleep(min(1.0, s.worker_heartbeat_seconds))

@@ -1,5 +1,11 @@
-"""Housekeeping one worker at a time does: re-queue jobs whose task message was lost, and
-delete stored images past the retention period.
+"""Housekeeping one worker at a time does: re-queue the jobs of a worker that died, re-queue
+jobs whose task message was lost, and delete stored images past the retention period.
+
+A worker that dies (SIGKILL, OOM, a lost machine) leaves the messages it had taken with the
+broker, unacknowledged, until the visibility timeout (60 s) brings them back. Every worker
+process records the task ids it receives with its heartbeat (worker/factory.py), so when its
+heartbeat stops for WORKER_DEAD_AFTER_SECONDS the unfinished ones are queued again at once,
+from the job records. Their old messages still come back later, and find the jobs finished.
 
 Kombu's Redis transport takes a message off the queue (BRPOP) and then, in a second command,
 records it as unacknowledged. If Redis goes away between the two, the message is gone while
@@ -29,6 +35,41 @@ def oldest_waiting(store, queue: str) -> float | None:
     if task_id == "":
         return math.inf
     return None if task_id is None else store.pending_score(task_id)
+
+
+def tasks_for(job_ids: list[str], records: list[dict]) -> tuple[list[PredictTask], list[FetchTask]]:
+    """The task each unfinished job needs next, from its record: a prediction (the record keeps
+    the preprocessed image until the job finishes) or a fetch."""
+    predictions, fetches = [], []
+    for job_id, rec in zip(job_ids, records, strict=True):
+        top_k = int(rec["top_k"] or TOP_K_DEFAULT)
+        if rec["status"] in ("queued", "running") and rec["pixels"]:
+            predictions.append(PredictTask(job_id, rec["pixels"], top_k))
+        elif rec["status"] == "fetching":
+            fetches.append(FetchTask(job_id, rec["source"], top_k))
+    return predictions, fetches
+
+
+def rescue_dead_workers(state, now: float | None = None) -> int:
+    """Queue again the unfinished jobs of every worker whose heartbeat stopped."""
+    store = state.store
+    now = time.time() if now is None else now
+    requeued = 0
+    for node in store.silent_consumers(now - state.settings.worker_dead_after_seconds):
+        ids = store.held_by(node)
+        predictions, fetches = tasks_for(ids, store.requeue_fields(ids)) if ids else ([], [])
+        if predictions or fetches:
+            enqueue(state.celery, predictions, fetches)
+            store.touch_pending([t.job_id for t in predictions + fetches], now)
+            log.warning(
+                "worker %s stopped: re-queued %d of its jobs",
+                node,
+                len(predictions) + len(fetches),
+                extra={"job_ids": [t.job_id for t in predictions + fetches]},
+            )
+        store.forget_consumer(node)
+        requeued += len(predictions) + len(fetches)
+    return requeued
 
 
 def rescue_lost_tasks(state, now: float | None = None) -> int:

@@ -30,14 +30,16 @@ class PredictItem(NamedTuple):
     task: PredictTask  # the message as it came, to queue it again
 
 
-def predict_jobs(state: WorkerState, messages: list[dict]) -> None:
-    """Predict the jobs of one task batch and record each result exactly once.
+def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[str, str]]:
+    """Predict the jobs of one task batch and record each result exactly once; returns what was
+    written, job id -> (final status, error code).
 
     First deliveries are predicted together, in one model call. A job delivered again was in a
     batch whose worker died or timed out: it is a suspect, and runs alone, so that an image
     that kills or hangs the model takes down only itself and, after TASK_MAX_ATTEMPTS solo
     runs, fails as `poison` instead of looping.
     """
+    state.outcomes = {}
     marks = until_redis_answers(state.store.mark_running, [m.get("job_id", "") for m in messages])
     fresh, suspects = [], []
     for message, (result, attempts) in zip(messages, marks, strict=True):
@@ -68,6 +70,7 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> None:
                 "timeout",
                 f"Prediction took longer than {state.settings.task_soft_time_limit:g} s.",
             )
+    return state.outcomes
 
 
 def _decode(message: dict) -> PredictItem:
@@ -119,7 +122,7 @@ def _record(state: WorkerState, items: list[PredictItem], probs: list[np.ndarray
     ids = [it.job_id for it, _ in done]
     predictions = [top_k(p[None], info.classes, it.top_k)[0] for it, p in done]
     model = {"name": info.name, "version": info.version}
-    count_outcomes(until_redis_answers(state.store.complete, ids, predictions, model), ids, "done")
+    count_outcomes(state, until_redis_answers(state.store.complete, ids, predictions, model), ids, "done")
     failed = [it.job_id for it, p in zip(items, probs, strict=True) if p is None]
     if failed:
         fail(state, failed, "prediction_failed", "The model could not process this image.")

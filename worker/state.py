@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 from redis import RedisError
@@ -26,6 +26,7 @@ class WorkerState:
     celery: Celery
     predictor: object = None  # shared.predictor.Predictor, loaded once per process after the fork
     cache: ResultCache | None = None  # results of this predictor's configuration (RESULT_CACHE on)
+    outcomes: dict = field(default_factory=dict)  # job id -> (status, error code) this process wrote
 
 
 def until_redis_answers(fn, *args, deadline_s: float = 600.0):
@@ -42,13 +43,16 @@ def until_redis_answers(fn, *args, deadline_s: float = 600.0):
             delay = min(delay * 2, 5.0)
 
 
-def count_outcomes(results: list[tuple[int, int]], job_ids: list[str], status: str, code: str = "") -> None:
-    """Count and log the jobs whose final status this call really wrote (not duplicates)."""
+def count_outcomes(
+    state: WorkerState, results: list[tuple[int, int]], job_ids: list[str], status: str, code: str = ""
+) -> None:
+    """Count, log and remember the jobs whose final status this call really wrote (not duplicates)."""
     for job_id, (result, _) in zip(job_ids, results, strict=True):
         if result == 1:
+            state.outcomes[job_id] = (status, code)
             JOBS_FINISHED.labels(status, code).inc()
             log.info("job %s", status, extra={"job_id": job_id, **({"error_code": code} if code else {})})
 
 
 def fail(state: WorkerState, job_ids: list[str], code: str, message: str) -> None:
-    count_outcomes(until_redis_answers(state.store.fail, job_ids, code, message), job_ids, "failed", code)
+    count_outcomes(state, until_redis_answers(state.store.fail, job_ids, code, message), job_ids, "failed", code)

@@ -136,7 +136,7 @@ def test_readyz_and_metrics_through_nginx(stack, first_batch):
     assert submitted >= 300, m.text[:2000]
 
 
-def test_flower_answers_with_basic_auth_only(stack, first_batch):
+def test_flower_answers_with_basic_auth_only_and_shows_how_predictions_ended(stack, first_batch):
     api = stack.flower_url + "/api/workers"
     assert requests.get(api, timeout=10).status_code == 401
     assert requests.get(api, auth=(stack.flower_auth[0], "wrong"), timeout=10).status_code == 401
@@ -147,9 +147,19 @@ def test_flower_answers_with_basic_auth_only(stack, first_batch):
         assert r.status_code == 200, r.text[:300]
         workers = r.json()
         if sum(name.startswith("predict-") for name in workers) >= WORKERS:
-            return
+            break
         time.sleep(2)
-    raise AssertionError(f"Flower lists {sorted(workers)}")
+    else:
+        raise AssertionError(f"Flower lists {sorted(workers)}")
+    # Each prediction of the first batch: SUCCESS (celery-batches sends no events of its own for
+    # the tasks of a batch; the workers send them: worker.factory.send_task_events).
+    ids = {j["job_id"] for j in first_batch[1]["jobs"]}
+    tasks = requests.get(
+        stack.flower_url + "/api/tasks", params={"limit": 5000}, auth=stack.flower_auth, timeout=30
+    ).json()
+    states = Counter(tasks[i]["state"] for i in ids if i in tasks)
+    FIGURES["flower_states"] = dict(states)
+    assert states == {"SUCCESS": len(ids)}, states
 
 
 # --- nginx in front of gunicorn ----------------------------------------------------------------

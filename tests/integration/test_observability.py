@@ -1,10 +1,14 @@
 """Worker metrics on their own port, batching across tasks, and JSON logs that carry the job id."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import requests
 
+from shared.jobstore import JobStore, NewJob
+from shared.queue import PredictTask, celery_init_app, enqueue
 from tests.helpers import metric, noise_png, post_images, scrape_until, wait_until
 from tools.stack import free_port
 
@@ -80,3 +84,33 @@ def test_a_failed_fetch_is_counted_by_reason(stack_factory, image_server):
     assert job["status"] == "failed" and job["error"]["code"] == "fetch_failed"
     text = scrape_until(f"http://127.0.0.1:{metrics_port}/metrics", 'fetch_failures_total{reason="fetch_failed"}', 1)
     assert metric(text, 'fetch_failures_total{reason="fetch_failed"}') == 1
+
+
+def test_task_events_say_whether_each_batched_prediction_succeeded_or_failed(stack_factory):
+    """What Flower shows: celery-batches sends no events for the tasks of a batch, so Flower
+    listed every prediction as PENDING; the worker now sends each one's end."""
+    stack = stack_factory()
+    stack.add_worker("predict")
+    stack.wait_ready()
+    app = celery_init_app(stack.settings)
+    seen: dict[str, str] = {}
+
+    def listen():
+        with app.connection() as conn:
+            app.events.Receiver(
+                conn,
+                handlers={
+                    "task-succeeded": lambda e: seen.setdefault(e["uuid"], "succeeded"),
+                    "task-failed": lambda e: seen.setdefault(e["uuid"], e.get("exception", "")),
+                },
+            ).capture(limit=None, timeout=None, wakeup=False)
+
+    threading.Thread(target=listen, daemon=True).start()
+    time.sleep(1)  # subscribed before anything is sent (task events are broadcast, not queued)
+    store = JobStore.from_url(stack.settings.redis_url, 3600)
+    good = post_images(stack, [("a.png", noise_png(1)), ("b.png", noise_png(2))]).json()["jobs"]
+    _, [bad] = store.create_batch([NewJob("upload", "bad.png", pixels="AAAA")], 3)
+    enqueue(app, [PredictTask(bad["job_id"], "not base64!", 3)], [])  # fails as bad_task
+    want = {good[0]["job_id"]: "succeeded", good[1]["job_id"]: "succeeded", bad["job_id"]: "bad_task"}
+    wait_until(lambda: all(k in seen for k in want), 30, "the task events")
+    assert {k: seen[k] for k in want} == want

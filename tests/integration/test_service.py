@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from shared.modeldir import read_model_info
-from tests.helpers import CLASSES, assert_thumbnail, noise_png, post_images
+from tests.helpers import CLASSES, assert_thumbnail, noise_png, post_images, wait_until
 
 
 @pytest.fixture
@@ -107,3 +107,22 @@ def test_redis_down_gives_503_and_the_web_survives(stack):
     while (resp := post_images(stack, [("a.png", noise_png(1))])).status_code != 202:
         assert time.monotonic() < deadline, resp.text
         time.sleep(0.5)
+
+
+def test_a_dead_workers_jobs_move_on_within_seconds_not_after_the_visibility_timeout(stack_factory):
+    """SIGKILL a worker holding jobs (running and prefetched): its heartbeat stops, and the
+    janitor queues its unfinished jobs again from their records, long before the 60 s
+    visibility timeout would have brought the messages back."""
+    stack = stack_factory(visibility_timeout=60)
+    first = stack.add_worker("predict", faults={"delay_s": 1})
+    stack.add_worker("predict")
+    stack.wait_ready(workers=2)
+    batch_id = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(40)]).json()["batch_id"]
+    wait_until(lambda: stack.get_batch(batch_id)["counts"]["running"] > 0, 30, "a job running")
+    os.killpg(first.pid, signal.SIGKILL)  # the whole worker: main process and pool child
+    killed = time.monotonic()
+    first.wait()
+    batch = stack.wait_batch(batch_id, timeout=90)
+    took = time.monotonic() - killed
+    assert batch["counts"]["done"] == 40, batch["counts"]
+    assert took < 40, f"the dead worker's jobs finished {took:.1f} s after the kill"  # the timeout is 60 s

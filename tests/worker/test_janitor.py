@@ -11,7 +11,7 @@ from shared.images import encode_pixels
 from shared.jobstore import JobStore, NewJob
 from shared.queue import PredictTask, celery_init_app, enqueue
 from shared.storage import ImageStore
-from worker.janitor import rescue_lost_tasks, sweep_expired_images
+from worker.janitor import rescue_dead_workers, rescue_lost_tasks, sweep_expired_images
 from worker.state import WorkerState
 
 
@@ -93,3 +93,17 @@ def test_stored_images_older_than_the_retention_period_are_swept(settings_factor
     fresh.write_bytes(b"y")
     assert sweep_expired_images(state) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_dead_workers_unfinished_jobs_are_queued_again_and_a_live_workers_are_not(state):
+    dead_done, dead_waiting, dead_fetching, live_waiting = make_jobs(state, 4)
+    state.store.redis.hset(f"job:{dead_fetching}", mapping={"status": "fetching", "source": "https://x.test/a.jpg"})
+    state.store.complete([dead_done], [[{"label": "cat", "probability": 1.0}]], {"name": "m", "version": "1"})
+    now = time.time()
+    state.store.record_consumer("dead", now - 30, [dead_done, dead_waiting, dead_fetching], 120)
+    state.store.record_consumer("alive", now, [live_waiting], 120)
+    assert rescue_dead_workers(state, now) == 2  # the waiting prediction and the fetch
+    assert queued_ids(state, "predict") == [dead_waiting] and queued_ids(state, "fetch") == [dead_fetching]
+    assert state.store.silent_consumers(now - 10) == []  # the dead one is forgotten, the live one kept
+    assert state.store.held_by("dead") == [] and state.store.held_by("alive") == [live_waiting]
+    assert rescue_dead_workers(state, now) == 0  # handled once
