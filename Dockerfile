@@ -53,8 +53,7 @@ USER app
 EXPOSE 8000
 # The config by path, not python:web.gunicorn_conf: importing the web package would create the
 # metrics files before on_starting has prepared PROMETHEUS_MULTIPROC_DIR.
-CMD ["gunicorn", "-c", "/app/web/gunicorn_conf.py", "-b", "0.0.0.0:8000", "-w", "2", "-k", "gthread", \
-     "--threads", "16", "web.wsgi:app"]
+CMD ["gunicorn", "-c", "/app/web/gunicorn_conf.py", "-b", "0.0.0.0:8000", "web.wsgi:app"]
 
 # --- the reverse proxy -------------------------------------------------------------------------
 # On the same base as the others (the official nginx image may be out of reach; Debian's nginx

@@ -242,7 +242,7 @@ def measure_raw(args, env: dict) -> dict:
 def measure_flask(args, env: dict, images: list[bytes], n: int) -> dict:
     """The usual synchronous Flask app, served the same way, hit by the same clients."""
     port = free_port()
-    app = start_web(env, port, app="benchmarks.flask_baseline:app")
+    app = start_web(env, port, app="benchmarks.flask_baseline:app", worker_class="gthread")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

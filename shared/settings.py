@@ -40,10 +40,15 @@ class Settings:
     fetch_processes: int = 2  # a URL's Python work holds a GIL: 2 fetch ~1.7x faster than 1 on 2 cores
     max_upload_bytes: int = 10 * 1024 * 1024  # one image
     max_request_bytes: int = 256 * 1024 * 1024  # one HTTP request (Flask MAX_CONTENT_LENGTH)
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 50_000_000  # declared size of any image (a 50 MP phone photo passes)
+    max_full_decode_pixels: int = 16_000_000  # formats decoded at full size: all but JPEG (4K screenshots pass)
+    max_request_decode_pixels: int = 64_000_000  # what one request's images may cost to decode, in all
+    decode_budget_pixels: int = 64_000_000  # pixels being decoded at once in one process (threads wait)
     max_batch_items: int = 1000
     retention_days: float = 7.0  # job records and stored images expire after this
+    web_processes: int = 2  # gunicorn worker processes of the web tier
     long_poll_max_seconds: float = 25.0
+    long_poll_max_waiters: int = 500  # long-polls one web process holds at once; more are answered at once
     predict_batch_size: int = 64  # most images per model call
     predict_batch_wait_ms: float = 5.0  # how long a worker gathers concurrent jobs
     predict_precision: str = "auto"  # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
@@ -61,7 +66,8 @@ class Settings:
     worker_app: str = "worker.app"  # the Celery app `python -m worker` runs (tests run one that injects faults)
     worker_metrics_port: int = 0  # `python -m worker` serves its processes' metrics here (0: off)
     prometheus_multiproc_dir: str = ""  # where each process writes its metrics (prometheus-client's variable)
-    rate_limit: str = "600/minute;20000/hour"  # per client, on submissions
+    rate_limit: str = "600/minute;20000/hour"  # per client, on all submissions together
+    metrics_token: str = ""  # /metrics wants "Authorization: Bearer <this>"; unset: loopback clients only
     trusted_proxies: int = 0  # reverse proxies in front of the web tier (docker-compose: 1, nginx)
     log_json: bool = True
     cache_dir: Path = field(default=Path.home() / ".cache" / "cifar-svc", metadata={"env": "CIFAR_SVC_CACHE"})
@@ -83,6 +89,10 @@ class Settings:
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def image_limits(self) -> dict:
+        """check_image's limits (shared/images.py) as these settings set them."""
+        return dict(max_pixels=self.max_image_pixels, max_full_pixels=self.max_full_decode_pixels)
 
     @property
     def retention_seconds(self) -> int:

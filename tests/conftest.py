@@ -17,7 +17,7 @@ import pytest
 from shared.settings import REPO_ROOT, Settings
 from tests.helpers import CLASSES, OUTPUT_DIR, SKIP_PREFIX, RedisServer, Stack, image_bytes
 from tools.imageserver import ImageServer
-from web import create_app
+from web.app import create_app
 
 
 @pytest.fixture(scope="session")

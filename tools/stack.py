@@ -97,35 +97,19 @@ def start_redis(port: int, data_dir: Path, appendonly: bool = False) -> subproce
     return proc
 
 
-def start_web(env: dict, port: int, workers: int = 2, threads: int = 16, app: str = "web.wsgi:app") -> subprocess.Popen:
-    # gthread workers: a long-polling client holds a thread, not a whole process.
-    env = dict(env)
-    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
-        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-web-")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "python:web.gunicorn_conf",
-            "-b",
-            f"127.0.0.1:{port}",
-            "-w",
-            str(workers),
-            "-k",
-            "gthread",
-            "--threads",
-            str(threads),
-            "--graceful-timeout",
-            "5",
-            "--timeout",
-            "60",
-            app,
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-    )
+def start_web(
+    env: dict, port: int, workers: int = 2, app: str = "web.wsgi:app", worker_class: str | None = None
+) -> subprocess.Popen:
+    """gunicorn with web/gunicorn_conf.py (gevent: waiting clients hold greenlets, not threads);
+    worker_class="gthread" for an app that computes in its requests (the benchmark's baseline)."""
+    env = dict(env, WEB_PROCESSES=str(workers))
+    cleanup = None
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):  # each process writes its metrics here; gone at stop()
+        env["PROMETHEUS_MULTIPROC_DIR"] = cleanup = tempfile.mkdtemp(prefix="metrics-web-")
+    extra = ["-k", "gthread", "--threads", "16"] if worker_class == "gthread" else []
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "web/gunicorn_conf.py", "-b", f"127.0.0.1:{port}", *extra, app]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
+    proc.cleanup_dir = cleanup
     wait_for_port(port, proc=proc)
     return proc
 
@@ -148,34 +132,53 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0, sig=signal.SIGTERM) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if getattr(proc, "cleanup_dir", None):
+        shutil.rmtree(proc.cleanup_dir, ignore_errors=True)
+
+
+REDIS_RESTARTS = 3  # an embedded Redis that dies is restarted this many times, then make run stops
 
 
 def main() -> int:
     env = dict(os.environ)
-    procs = []
-    tmp = Path(tempfile.mkdtemp(prefix="cifar-svc-redis-"))
+    procs = {}
+    tmp = Path(tempfile.mkdtemp(prefix="cifar-svc-"))
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(tmp / "metrics-web"))  # removed with tmp at the end
+    restarts = 0
     try:
         if not env.get("REDIS_URL"):
             port = free_port()
-            procs.append(start_redis(port, tmp))
+            # AOF in the run's folder: a Redis that crashes and is restarted keeps its jobs.
+            procs["redis"] = start_redis(port, tmp / "redis", appendonly=True)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             print(f"redis: embedded, {env['REDIS_URL']} (set REDIS_URL to use your own)", flush=True)
         web_port = int(env.get("PORT", "8000"))
-        procs.append(start_web(env, web_port))
-        worker = start_worker(env)
-        procs.append(worker)
+        procs["web"] = start_web(env, web_port)
+        procs["worker"] = start_worker(env)
         print(f"\n  Open http://127.0.0.1:{web_port}/   (Ctrl-C stops everything)\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        while all(p.poll() is None for p in procs):
+        while True:
             time.sleep(0.5)
-        failed = next(p for p in procs if p.poll() is not None)
-        print(f"{failed.args[:4]} exited with {failed.returncode}; stopping.", file=sys.stderr)
-        return failed.returncode or 1
+            exited = {name: p.returncode for name, p in procs.items() if p.poll() is not None}
+            if list(exited) == ["redis"] and restarts < REDIS_RESTARTS:
+                restarts += 1
+                print(
+                    f"redis: the embedded server exited with status {exited['redis']}; restarting it "
+                    f"({restarts} of {REDIS_RESTARTS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                procs["redis"] = start_redis(port, tmp / "redis", appendonly=True)
+            elif exited:
+                name, code = next(iter(exited.items()))
+                why = f" (restarted {restarts} times already)" if name == "redis" else ""
+                print(f"stopping: {name} exited with status {code}{why}", file=sys.stderr, flush=True)
+                return code or 1
     except KeyboardInterrupt:
         print("\nstopping…", flush=True)
         return 0
     finally:
-        for p in reversed(procs):
+        for p in reversed(list(procs.values())):
             stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 

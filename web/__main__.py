@@ -3,7 +3,7 @@
 import argparse
 
 from shared.settings import Settings
-from web import create_app
+from web.app import create_app
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import secrets
+import threading
 import time
+from contextlib import contextmanager
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,13 +15,40 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shared.metrics import QueueDepth, scrape_registry
 from shared.schemas import FINAL_STATUSES, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
 from web.errors import ApiError
-from web.extensions import limiter, submission_limit
+from web.extensions import submissions
 from web.openapi import build_openapi
 from web.submit import create_submission, parse_submission
 
 api = Blueprint("api", __name__)
 _ID = re.compile(r"^[0-9a-f]{32}$")
 READY_WINDOW_FACTOR = 3  # a worker is alive if it sent a heartbeat in the last 3 periods
+BUSY_RETRY_AFTER = "2"  # a long-poll past the cap is answered at once: poll again after this
+
+
+class Slots:
+    """How many long-polls this process holds at once, at most `limit`. The web tier holds a
+    waiting poll in a greenlet (gunicorn's gevent worker), but each still holds a Redis
+    connection: past the cap a poll is answered at once with the current state and
+    Retry-After, never queued behind the others."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self._lock = limit, 0, threading.Lock()
+
+    @contextmanager
+    def hold(self):
+        with self._lock:
+            granted = self.used < self.limit
+            self.used += granted
+        try:
+            yield granted
+        finally:
+            if granted:
+                with self._lock:
+                    self.used -= 1
+
+
+def _loopback() -> bool:
+    return ipaddress.ip_address(request.remote_addr or "0.0.0.0").is_loopback
 
 
 def _ext(name):
@@ -33,7 +64,7 @@ def _json(model, status: int = 200, headers: dict | None = None):
 
 
 @api.post("/api/v1/batches")
-@limiter.limit(submission_limit)
+@submissions
 def post_batch():
     items, top_k = parse_submission(request, _ext("settings"), single=False)
     batch_id, records = create_submission(items, top_k)
@@ -44,7 +75,7 @@ def post_batch():
 
 
 @api.post("/api/v1/jobs")
-@limiter.limit(submission_limit)
+@submissions
 def post_job():
     items, top_k = parse_submission(request, _ext("settings"), single=True)
     batch_id, [record] = create_submission(items, top_k)
@@ -61,15 +92,25 @@ def get_job(job_id: str):
     if record is None:
         raise ApiError(404, "job_not_found", f"No job {job_id!r} (unknown, or expired after the retention period).")
     wait = _float_arg("wait", 0.0, 0.0, _ext("settings").long_poll_max_seconds)
-    deadline = time.monotonic() + wait
-    # Long-poll: answer as soon as the job finishes (its batch's channel says when it changes).
+    headers = {}
+    if wait > 0 and record["status"] not in FINAL_STATUSES:
+        with _ext("long_polls").hold() as granted:
+            if granted:
+                record = _wait_for_job(store, record, time.monotonic() + wait)
+            else:
+                headers["Retry-After"] = BUSY_RETRY_AFTER
+    return _json(Job.from_record(record), headers=headers)
+
+
+def _wait_for_job(store, record: dict, deadline: float) -> dict:
+    """Long-poll: answer as soon as the job finishes (its batch's channel says when it changes)."""
     while record["status"] not in FINAL_STATUSES and (left := deadline - time.monotonic()) > 0:
         version = store.batch_version(record["batch_id"])
         if version is None:
             break
         store.wait_for_change(record["batch_id"], version, left)
-        record = store.get_job(job_id) or record
-    return _json(Job.from_record(record))
+        record = store.get_job(record["job_id"]) or record
+    return record
 
 
 @api.get("/api/v1/batches/<batch_id>")
@@ -79,17 +120,22 @@ def get_batch(batch_id: str):
         raise ApiError(404, "batch_not_found", f"No batch {batch_id!r}.")
     wait = _float_arg("wait", 0.0, 0.0, settings.long_poll_max_seconds)
     since = _int_arg("since")
+    headers = {}
     if wait > 0:
         version = store.batch_version(batch_id)
         if version is not None and not store.batch_finished(batch_id):
-            store.wait_for_change(batch_id, version if since is None else since, wait)
+            with _ext("long_polls").hold() as granted:
+                if granted:
+                    store.wait_for_change(batch_id, version if since is None else since, wait)
+                else:
+                    headers["Retry-After"] = BUSY_RETRY_AFTER
     found = store.get_batch(batch_id, since)
     if found is None:
         raise ApiError(
             404, "batch_not_found", f"No batch {batch_id!r} (unknown, or expired after the retention period)."
         )
     record, jobs = found
-    return _json(Batch.from_record(record, jobs, _batch_links(batch_id)))
+    return _json(Batch.from_record(record, jobs, _batch_links(batch_id)), headers=headers)
 
 
 def _int_arg(name: str) -> int | None:
@@ -124,6 +170,15 @@ def openapi():
 
 @api.get("/metrics")
 def metrics():
+    token = _ext("settings").metrics_token
+    if not (
+        secrets.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}") if token else _loopback()
+    ):
+        raise ApiError(
+            403,
+            "forbidden",
+            "/metrics needs METRICS_TOKEN as a bearer token (or, without one, a client on this machine).",
+        )
     if "metrics_registry" not in current_app.extensions:
         current_app.extensions["metrics_registry"] = scrape_registry(
             _ext("settings").prometheus_multiproc_dir, QueueDepth(_ext("jobs"))

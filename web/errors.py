@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from flask import Flask, jsonify, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
+from web.extensions import limiter
+
 log = logging.getLogger(__name__)
 
 # Codes for errors Werkzeug raises before our code runs.
 _HTTP_CODES = {
+    403: "forbidden",
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
@@ -47,7 +51,20 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return resp
 
 
-def register_error_handlers(app: Flask, max_request_bytes: int) -> None:
+def _too_large_message(app: Flask) -> str:
+    """Which limit the request hit: the whole body, or (Werkzeug raises the same 413 for them)
+    one form field or the number of form parts."""
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None or request.content_length > limit:
+        return f"The request is larger than {limit // (1024 * 1024)} MB; send fewer or smaller images per request."
+    return (
+        f"A form field is larger than {app.config['MAX_FORM_MEMORY_SIZE'] // 1024} KB, or the form has more than "
+        f"{app.config['MAX_FORM_PARTS']} parts; send at most {app.extensions['settings'].max_batch_items} images "
+        "or URLs per request."
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
@@ -60,13 +77,18 @@ def register_error_handlers(app: Flask, max_request_bytes: int) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        message = e.description or e.name
+        message, headers = e.description or e.name, {}
         if e.code == 413:
-            message = (
-                f"The request is larger than {max_request_bytes // (1024 * 1024)} MB; "
-                "send fewer or smaller images per request."
-            )
-        return error_response(e.code, _HTTP_CODES.get(e.code, "http_error"), message)
+            message = _too_large_message(app)
+        if e.code == 429:
+            limit = limiter.current_limit
+            headers["Retry-After"] = str(max(1, int(limit.reset_at - time.time())) if limit else 60)
+            message = f"Too many submissions from this client ({message}); try again in {headers['Retry-After']} s."
+        return error_response(e.code, _HTTP_CODES.get(e.code, "http_error"), message, headers)
+
+    @app.errorhandler(TimeoutError)
+    def _client_too_slow(e):  # a read of the body waited longer than the worker's read deadline
+        return error_response(408, "request_timeout", "The request arrived too slowly; send it again.")
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(e):

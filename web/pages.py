@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 from shared import formats
 from shared.schemas import TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN
 from web.errors import ApiError
-from web.extensions import limiter, submission_limit
+from web.extensions import submissions
 from web.openapi import build_openapi
 from web.submit import create_submission, parse_submission
 
@@ -33,7 +33,7 @@ def index():
 
 
 @pages.post("/batches")
-@limiter.limit(submission_limit)
+@submissions
 def submit_form():
     """The form's no-JavaScript path: submit, then go to the batch page."""
     try:

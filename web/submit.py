@@ -12,13 +12,14 @@ from redis import RedisError
 from werkzeug.datastructures import FileStorage
 
 from shared.fetch import UrlRefused, check_url
-from shared.images import ImageRefused, PreparedImage, prepare
+from shared.images import DecodeBudget, ImageRefused, PreparedImage, decode_cost, prepare
 from shared.jobstore import NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from shared.queue import FetchTask, PredictTask, enqueue
 from shared.schemas import TOP_K_DEFAULT, UrlSubmission, top_k_adapter
 from shared.settings import Settings
 from web.errors import ApiError, unavailable
+from web.forms import has_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Upload:
     filename: str
-    data: bytes | None  # None when the file was over the size limit
+    data: bytes | None  # None when the file was refused on arrival (refusal says why)
+    refusal: ImageRefused | None = None
 
 
 @dataclass
@@ -37,7 +39,10 @@ class Url:
 def parse_submission(request, settings: Settings, single: bool) -> tuple[list, int]:
     """Read files and URLs from a multipart form, a plain form or a JSON body (shared/schemas.py)."""
     if request.is_json:
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # json.loads recurses once per level: 100,000 brackets blow the stack
+            raise ApiError(400, "invalid_json", "The JSON body is nested too deeply.") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", 'The body must be a JSON object like {"urls": ["https://..."]}.')
         try:
@@ -75,8 +80,7 @@ def parse_submission(request, settings: Settings, single: bool) -> tuple[list, i
             f"A batch holds at most {settings.max_batch_items} "
             f"images or URLs; got {count}. Split it into several batches.",
         )
-    items = [Upload(_filename(f), _read_capped(f, settings.max_upload_bytes)) for f in files]
-    return items + [Url(u) for u in urls], top_k
+    return [_upload(f, settings) for f in files] + [Url(u) for u in urls], top_k
 
 
 def _invalid(exc: ValidationError, field: str | None = None) -> ApiError:
@@ -86,15 +90,25 @@ def _invalid(exc: ValidationError, field: str | None = None) -> ApiError:
     return ApiError(400, code, f"{field}: {err['msg']}")
 
 
-def _filename(f: FileStorage) -> str:
-    # Shown back to the user only (never used as a path); keep it short and printable.
-    name = "".join(ch for ch in (f.filename or "upload") if ch.isprintable())
-    return name[-200:] or "upload"
-
-
-def _read_capped(f: FileStorage, limit: int) -> bytes | None:
-    data = f.stream.read(limit + 1)
-    return None if len(data) > limit else data
+def _upload(f: FileStorage, settings: Settings) -> Upload:
+    # The name is shown back to the user only (never used as a path): short and printable.
+    name = "".join(ch for ch in (f.filename or "upload") if ch.isprintable())[-200:] or "upload"
+    if has_undecodable(f.filename or ""):
+        return Upload(
+            name,
+            None,
+            ImageRefused("bad_filename", "The file name is not UTF-8 text; rename the file and send it again.", 400),
+        )
+    data = f.stream.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        return Upload(
+            name,
+            None,
+            ImageRefused(
+                "file_too_large", f"{name} is larger than {settings.max_upload_bytes // (1024 * 1024)} MB.", 413
+            ),
+        )
+    return Upload(name, data)
 
 
 def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
@@ -102,13 +116,14 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
     nothing is stored when Redis refuses). Returns (batch_id, job records)."""
     settings: Settings = current_app.extensions["settings"]
     new_jobs, prepared, first_error = [], {}, None  # prepared: item index -> PreparedImage
+    decode = _RequestDecoder(settings, current_app.extensions["decode_budget"])
     for i, item in enumerate(items):
         try:
             if isinstance(item, Url):
                 check_url(item.url, settings.fetch_allow_hosts, resolve=False)
                 new_jobs.append(NewJob("url", item.url, status="fetching"))
             else:
-                prepared[i] = image = _prepare_upload(item, settings)
+                prepared[i] = image = decode(item)
                 new_jobs.append(NewJob("upload", item.filename, image.sha256, pixels=image.pixels_b64))
         except (ImageRefused, UrlRefused) as exc:
             first_error = first_error or exc
@@ -143,9 +158,26 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
     return batch_id, records
 
 
-def _prepare_upload(item: Upload, settings: Settings) -> PreparedImage:
-    if item.data is None:
-        raise ImageRefused(
-            "file_too_large", f"{item.filename} is larger than {settings.max_upload_bytes // (1024 * 1024)} MB.", 413
-        )
-    return prepare(item.data, settings.max_image_pixels)
+class _RequestDecoder:
+    """Prepares one request's uploads within its pixel budget: a request's images may cost
+    MAX_REQUEST_DECODE_PIXELS to decode in all (ten 6300x6300 PNGs took 7.4 s of one request);
+    the rest of them fail with the reason, and can come in another request."""
+
+    def __init__(self, settings: Settings, budget: DecodeBudget):
+        self.settings, self.budget, self.spent = settings, budget, 0
+
+    def __call__(self, item: Upload) -> PreparedImage:
+        if item.refusal is not None:
+            raise item.refusal
+        limits = self.settings.image_limits()
+        cost = decode_cost(item.data, **limits)
+        if self.spent + cost > self.settings.max_request_decode_pixels:
+            raise ImageRefused(
+                "too_many_pixels",
+                f"This request's images would take more than "
+                f"{self.settings.max_request_decode_pixels:,} pixels to decode in all; send the rest "
+                "in another request.",
+                413,
+            )
+        self.spent += cost
+        return prepare(item.data, budget=self.budget, **limits)

@@ -22,6 +22,7 @@ import numpy as np
 from celery import signals
 from celery_batches import Batches
 
+from shared.images import DecodeBudget
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
 from shared.queue import FETCH_TASK, PREDICT_TASK, FetchTask, PredictTask, celery_init_app, enqueue
@@ -87,6 +88,7 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         JobStore.from_url(settings.redis_url, settings.retention_seconds),
         ImageStore(settings.storage_dir),
         app,
+        decode_budget=DecodeBudget(settings.decode_budget_pixels),
     )
     app.state = state
     received = ReceivedTasks()

@@ -46,7 +46,7 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
             max_redirects=s.fetch_max_redirects,
             ca_bundle=s.fetch_ca_bundle,
         )
-        image = prepare(data, s.max_image_pixels)
+        image = prepare(data, budget=state.decode_budget, **s.image_limits())
     except (UrlRefused, ImageRefused) as exc:
         FETCH_FAILURES.labels(exc.code).inc()
         fail(state, [task.job_id], exc.code, exc.message)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 from redis import RedisError
 
+from shared.images import DecodeBudget
 from shared.jobstore import JobStore, ResultCache
 from shared.metrics import JOBS_FINISHED
 from shared.settings import Settings
@@ -27,6 +28,7 @@ class WorkerState:
     predictor: object = None  # shared.predictor.Predictor, loaded once per process after the fork
     cache: ResultCache | None = None  # results of this predictor's configuration (RESULT_CACHE on)
     outcomes: dict = field(default_factory=dict)  # job id -> (status, error code) this process wrote
+    decode_budget: DecodeBudget | None = None  # fetch threads share one (worker/factory.py)
 
 
 def until_redis_answers(fn, *args, deadline_s: float = 600.0):

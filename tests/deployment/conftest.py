@@ -104,6 +104,7 @@ def stack(request, images_built):
         os.environ,
         COMPOSE_PROJECT_NAME=project,
         SECRET_KEY=secrets.token_hex(32),
+        METRICS_TOKEN=secrets.token_hex(16),
         FLOWER_BASIC_AUTH=":".join(flower_auth),
         # Free host ports, chosen by Docker (port 0), on loopback only.
         WEB_BIND="127.0.0.1",

@@ -129,7 +129,9 @@ def test_thumbnails_are_served_for_uploads_and_fetched_urls(stack, first_batch, 
 def test_readyz_and_metrics_through_nginx(stack, first_batch):
     r = stack.http.get(stack.url + "/readyz", timeout=10)
     assert r.status_code == 200 and r.json()["checks"]["workers"] >= WORKERS, r.text
-    m = stack.http.get(stack.url + "/metrics", timeout=10)
+    assert stack.http.get(stack.url + "/metrics", timeout=10).status_code == 403  # never open to the world
+    token = stack.compose.env["METRICS_TOKEN"]
+    m = stack.http.get(stack.url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert m.status_code == 200
     # Summed over both gunicorn workers (multiprocess mode): every upload of the first batch.
     submitted = sum(float(v) for v in re.findall(r'^jobs_submitted_total\{source="upload"\} (\S+)$', m.text, re.M))

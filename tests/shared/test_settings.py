@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import REPO_ROOT, Settings, SettingsError
-from web import create_app
+from web.app import create_app
 
 
 def test_defaults_without_any_variable():

@@ -19,7 +19,7 @@ from shared.queue import celery_init_app
 from shared.settings import REPO_ROOT
 from tests.helpers import assert_thumbnail, image_bytes, noise_png, upload
 from tools.stack import free_port
-from web import create_app
+from web.app import create_app
 
 
 def queued_tasks(app, queue="predict"):
@@ -183,7 +183,7 @@ def test_pages_render(client):
 
 def test_the_web_tier_never_imports_tensorflow():
     code = (
-        "import sys; from web import create_app; from shared.settings import Settings; "
+        "import sys; from web.app import create_app; from shared.settings import Settings; "
         "create_app(Settings.from_env({})); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
     )
@@ -201,7 +201,7 @@ def test_submissions_are_rate_limited_per_client_with_retry_after(settings_facto
 
 
 def test_behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for(settings_factory):
-    from web import create_app
+    from web.app import create_app
 
     def submit(client, ip):
         return client.post(

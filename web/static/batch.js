@@ -91,13 +91,21 @@
     if (b.finished) offerDownloads(Object.assign({}, b, { jobs: Array.from(jobs.values()) }));
   }
 
+  // A spreadsheet runs a cell that starts with = + - @ (or tab, CR) as a formula, and batch
+  // links are shared: such cells get a leading apostrophe (OWASP's CSV injection rule).
+  function csvCell(v) {
+    let text = String(v);
+    if (/^[=+\-@\t\r]/.test(text)) text = "'" + text;
+    return '"' + text.replace(/"/g, '""') + '"';
+  }
+
   function offerDownloads(b) {
     const rows = [["source", "status", "rank", "label", "probability", "error"]];
     for (const j of b.jobs) {
       if (j.status === "done") j.predictions.forEach((p, i) => rows.push([sourceName(j), j.status, i + 1, p.label, p.probability, ""]));
       else rows.push([sourceName(j), j.status, "", "", "", j.error ? j.error.code : ""]);
     }
-    const csv = rows.map((r) => r.map((v) => '"' + String(v).replace(/"/g, '""') + '"').join(",")).join("\n");
+    const csv = rows.map((r) => r.map(csvCell).join(",")).join("\n");
     document.getElementById("dl-csv").href = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
     document.getElementById("dl-json").href = URL.createObjectURL(new Blob([JSON.stringify(b, null, 2)], { type: "application/json" }));
     document.getElementById("downloads").hidden = false;
@@ -114,6 +122,10 @@
         renderBatch(await resp.json());
         delay = 1000;
         if (latest.finished) return;
+        // The server holds only so many long-polls at once; past that it answers at once and
+        // says when to come back.
+        const after = Number(resp.headers.get("Retry-After"));
+        if (after > 0) await new Promise((r) => setTimeout(r, 1000 * after));
       } catch (err) {
         statusLine.textContent = "Connection problem (" + err.message + "); retrying…";
         await new Promise((r) => setTimeout(r, delay));
