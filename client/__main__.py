@@ -60,9 +60,14 @@ def main(argv=None) -> int:
     s.add_argument("--batch-size", type=int, default=500, help="inputs per request")
     g = sub.add_parser("get", help="print a job or a batch as JSON")
     g.add_argument("id")
+    c = sub.add_parser("cancel", help="cancel a batch's unfinished jobs (or one job); prints it as JSON")
+    c.add_argument("id")
     args = p.parse_args(argv)
     client = Client(args.server)
     try:
+        if args.command == "cancel":
+            print(json.dumps(client.cancel(args.id), indent=2))
+            return 0
         if args.command == "get":
             try:
                 print(json.dumps(client.batch(args.id), indent=2))

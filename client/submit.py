@@ -8,8 +8,10 @@ are polled, not resubmitted.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from client.api import Client, ServiceError
@@ -89,15 +91,22 @@ class ResultWriter:
 
 
 class State:
-    """input -> (batch_id, job_id) for submitted inputs whose results are not written yet."""
+    """input -> (batch_id, job_id) for submitted inputs whose results are not written yet, and
+    the run's id, from which each chunk's Idempotency-Key is derived: a resumed run sends the
+    same keys, so a chunk whose answer was lost is answered, not predicted, again."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.jobs: dict[str, list[str]] = json.loads(path.read_text())["jobs"] if path.exists() else {}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.jobs: dict[str, list[str]] = saved.get("jobs", {})
+        self.run_id: str = saved.get("run_id") or uuid.uuid4().hex
+
+    def key(self, inputs: list[str]) -> str:
+        return hashlib.sha256("\n".join([self.run_id, *inputs]).encode()).hexdigest()
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"jobs": self.jobs}))
+        tmp.write_text(json.dumps({"run_id": self.run_id, "jobs": self.jobs}))
         tmp.replace(self.path)
 
 
@@ -132,11 +141,13 @@ class Run:
 
     def send_next(self) -> None:
         group = self.pending[0]
+        self.state.save()  # the run id (hence the key) is on disk before the request goes out
+        key = self.state.key(group)
         try:
             if self.kind == "urls":
-                body = self.client.submit_urls(group, self.top_k)
+                body = self.client.submit_urls(group, self.top_k, key)
             else:
-                body = self.client.submit_files([Path(p) for p in group], self.top_k)
+                body = self.client.submit_files([Path(p) for p in group], self.top_k, key)
         except ServiceError as exc:
             if exc.status >= 500 or exc.code == "rate_limited":
                 raise  # the client retried already; give up for now (a rerun resumes)

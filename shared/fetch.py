@@ -144,40 +144,71 @@ def fetch(
     are checked against requests' CA bundle (certifi), or against ca_bundle (a PEM file) if given."""
     deadline = time.monotonic() + timeout
     for _hop in range(max_redirects + 1):
-        target, addresses = check_url(url, allow_hosts)
-        with requests.Session() as session:
-            session.trust_env = False  # no proxies or .netrc from the environment
-            session.mount(f"{target.scheme}://", _PinnedAdapter(target, addresses[0]))
-            host_header = target.host if target.port == DEFAULT_PORTS[target.scheme] else f"{target.host}:{target.port}"
-            if ":" in target.host:
-                host_header = f"[{target.host}]" + host_header[len(target.host) :]
-            try:
-                resp = session.get(
-                    url,
-                    stream=True,
-                    allow_redirects=False,
-                    verify=ca_bundle or True,
-                    timeout=(max(0.1, min(5.0, deadline - time.monotonic())), max(0.1, deadline - time.monotonic())),
-                    headers={
-                        "Host": host_header,
-                        "User-Agent": USER_AGENT,
-                        "Accept": "image/*",
-                        "Accept-Encoding": "identity",
-                    },
-                )
-            except requests.Timeout:
-                raise UrlRefused("fetch_timeout", f"The server did not answer within {timeout:g} s.", 504) from None
-            except requests.RequestException as exc:
-                raise UrlRefused("fetch_failed", f"Could not connect ({type(exc).__name__}).", 502) from None
-            with resp:
-                if resp.is_redirect:
-                    location = resp.headers.get("Location", "")
-                    url = urljoin(url, location)
-                    continue
-                if resp.status_code != 200:
-                    raise UrlRefused("fetch_failed", f"The server answered HTTP {resp.status_code}.", 502)
-                return _read_body(resp, deadline, timeout, max_bytes)
+        with _pinned_request(
+            "GET", url, allow_hosts, deadline, timeout, ca_bundle, {"Accept": "image/*", "Accept-Encoding": "identity"}
+        ) as resp:
+            if resp.is_redirect:
+                url = urljoin(url, resp.headers.get("Location", ""))
+                continue
+            if resp.status_code != 200:
+                raise UrlRefused("fetch_failed", f"The server answered HTTP {resp.status_code}.", 502)
+            return _read_body(resp, deadline, timeout, max_bytes)
     raise UrlRefused("too_many_redirects", f"More than {max_redirects} redirects.", 502)
+
+
+def post(
+    url: str, body: bytes, headers: dict, *, allow_hosts=frozenset(), timeout: float = 10.0, ca_bundle: str = ""
+) -> int:
+    """POST body to url under the same rules (no redirect is followed); returns the status."""
+    with _pinned_request(
+        "POST",
+        url,
+        allow_hosts,
+        time.monotonic() + timeout,
+        timeout,
+        ca_bundle,
+        {"Content-Type": "application/json", **headers},
+        body,
+    ) as resp:
+        resp.raw.read(64 * 1024, decode_content=False)  # the answer itself is not wanted
+        return resp.status_code
+
+
+def _pinned_request(
+    method: str,
+    url: str,
+    allow_hosts,
+    deadline: float,
+    timeout: float,
+    ca_bundle: str,
+    headers: dict,
+    data: bytes | None = None,
+):
+    """One request to one checked address (one hop: redirects are the caller's to check)."""
+    target, addresses = check_url(url, allow_hosts)
+    session = requests.Session()
+    session.trust_env = False  # no proxies or .netrc from the environment
+    session.mount(f"{target.scheme}://", _PinnedAdapter(target, addresses[0]))
+    host_header = target.host if target.port == DEFAULT_PORTS[target.scheme] else f"{target.host}:{target.port}"
+    if ":" in target.host:
+        host_header = f"[{target.host}]" + host_header[len(target.host) :]
+    try:
+        return session.request(
+            method,
+            url,
+            data=data,
+            stream=True,
+            allow_redirects=False,
+            verify=ca_bundle or True,
+            timeout=(max(0.1, min(5.0, deadline - time.monotonic())), max(0.1, deadline - time.monotonic())),
+            headers={"Host": host_header, "User-Agent": USER_AGENT, **headers},
+        )
+    except requests.Timeout:
+        raise UrlRefused("fetch_timeout", f"The server did not answer within {timeout:g} s.", 504) from None
+    except requests.RequestException as exc:
+        raise UrlRefused("fetch_failed", f"Could not connect ({type(exc).__name__}).", 502) from None
+    finally:
+        session.close()  # the response keeps its own connection until it is closed
 
 
 def _read_body(resp, deadline: float, timeout: float, max_bytes: int) -> bytes:

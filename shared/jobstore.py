@@ -15,6 +15,8 @@ Every job belongs to a batch (a single-image submission is a batch of one).
   lock:<name>          short-lived locks: one janitor, one image sweep at a time
   web:secret-key       the web tier's shared secret when SECRET_KEY is not set
   cache:<key>          cached prediction results (ResultCache)
+  idem:<hash>          an idempotency key's claim and the answer it got (per client and key)
+  webhooks:due         sorted set: finished batches whose webhook is not delivered yet, by when due
 All job and batch keys expire after the retention period. Status changes go through one Lua
 script, so a record and its batch counts always change together, and a finished job never
 changes again (a duplicate delivery cannot write a second result). The record is enough to
@@ -34,9 +36,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.schemas import FINAL_STATUSES, STATUSES
+from shared.schemas import FINAL_STATUSES, STATUSES, UNFINISHED_STATUSES
 
 PENDING = "jobs:pending"
+WEBHOOKS_DUE = "webhooks:due"
 HEARTBEATS = "workers:heartbeat"
 CONSUMERS = "consumers:heartbeat"
 SECRET_KEY = "web:secret-key"
@@ -53,32 +56,53 @@ def batch_key(batch_id: str, part: str = "") -> str:
     return f"{BATCH_PREFIX}{batch_id}{':' + part if part else ''}"
 
 
-# KEYS: the job, the pending set. ARGV: job id, batch key prefix, final statuses (comma-separated),
-# new status, allowed current statuses (comma-separated), a counter field to increment ("" for
-# none), then field/value pairs. Returns {result, counter}: result 1 changed, 0 refused (wrong
-# current status), -1 unknown job.
+# KEYS: the job, the pending set, the due webhooks. ARGV: job id, batch key prefix, final statuses
+# (comma-separated), new status, allowed current statuses (comma-separated), a counter field to
+# increment ("" for none), the time, then field/value pairs. Returns {result, counter, batch}:
+# result 1 changed, 0 refused (wrong current status), -1 unknown job; batch is the batch's id if
+# this change finished a batch whose webhook was waiting for that (it is then due), else "".
 _TRANSITION = """
 local job_id, prefix, final, new = ARGV[1], ARGV[2], ',' .. ARGV[3] .. ',', ARGV[4]
 local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {-1, 0} end
-if not string.find(',' .. ARGV[5] .. ',', ',' .. cur .. ',', 1, true) then return {0, 0} end
-if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+if not cur then return {-1, 0, ''} end
+if not string.find(',' .. ARGV[5] .. ',', ',' .. cur .. ',', 1, true) then return {0, 0, ''} end
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
 local counter = 0
 if ARGV[6] ~= '' then counter = redis.call('HINCRBY', KEYS[1], ARGV[6], 1) end
-local bkey = prefix .. redis.call('HGET', KEYS[1], 'batch_id')
+local batch_id = redis.call('HGET', KEYS[1], 'batch_id')
+local bkey = prefix .. batch_id
 if cur ~= new then
   redis.call('HSET', KEYS[1], 'status', new)
   redis.call('HINCRBY', bkey, 'n_' .. cur, -1)
   redis.call('HINCRBY', bkey, 'n_' .. new, 1)
 end
+local due = ''
 if string.find(final, ',' .. new .. ',', 1, true) then
   redis.call('ZREM', KEYS[2], job_id)
   redis.call('HDEL', KEYS[1], 'pixels')
+  if cur ~= new and redis.call('HGET', bkey, 'webhook_status') == 'pending' then
+    local finished = 0
+    for s in string.gmatch(ARGV[3], '[^,]+') do
+      finished = finished + tonumber(redis.call('HGET', bkey, 'n_' .. s) or 0)
+    end
+    if finished >= tonumber(redis.call('HGET', bkey, 'total')) then
+      redis.call('HSET', bkey, 'webhook_status', 'queued')
+      redis.call('ZADD', KEYS[3], ARGV[7], batch_id)
+      due = batch_id
+    end
+  end
 end
 local version = redis.call('HINCRBY', bkey, 'version', 1)
 redis.call('ZADD', bkey .. ':changes', version, job_id)
 redis.call('PUBLISH', bkey .. ':events', version)
-return {1, counter}
+return {1, counter, due}
+"""
+
+# KEYS: the claim. ARGV: the request's fingerprint, the claim's lifetime (s). Returns the stored
+# claim ("" if this call made it): {fingerprint, batch answer or "" while being answered}.
+_CLAIM = """
+if redis.call('SET', KEYS[1], cjson.encode({fp = ARGV[1], answer = ''}), 'NX', 'EX', ARGV[2]) then return '' end
+return redis.call('GET', KEYS[1])
 """
 
 
@@ -106,6 +130,13 @@ class JobStore:
         self.redis = client
         self.ttl = retention_seconds
         self._transition = client.register_script(_TRANSITION)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        )
+        # Called with the ids of batches whose last job a transition just finished and whose
+        # webhook is due (worker and web set it to queue the delivery; see webhooks:due).
+        self.on_webhooks_due = lambda batch_ids: None
 
     @classmethod
     def from_url(cls, url: str, retention_seconds: int, **kw) -> JobStore:
@@ -125,7 +156,7 @@ class JobStore:
         return cls(client, retention_seconds)
 
     # --- writing ---------------------------------------------------------------------------
-    def create_batch(self, jobs: list[NewJob], top_k: int) -> tuple[str, list[dict]]:
+    def create_batch(self, jobs: list[NewJob], top_k: int, webhook_url: str = "") -> tuple[str, list[dict]]:
         """Write a batch and its jobs in one transaction: all of it is stored, or none.
         Returns the batch id and the job records (without their pixels)."""
         batch_id, created = new_id(), now_iso()
@@ -138,9 +169,10 @@ class JobStore:
             for rec in records:
                 p.hset(job_key(rec["job_id"]), mapping=rec)
                 p.expire(job_key(rec["job_id"]), self.ttl)
+            webhook = dict(webhook_url=webhook_url, webhook_status="pending", webhook_attempts=0) if webhook_url else {}
             p.hset(
                 batch_key(batch_id),
-                mapping=dict(batch_id=batch_id, created_at=created, total=len(records), version=0, **counts),
+                mapping=dict(batch_id=batch_id, created_at=created, total=len(records), version=0, **counts, **webhook),
             )
             p.expire(batch_key(batch_id), self.ttl)
             if records:
@@ -198,13 +230,18 @@ class JobStore:
         if not job_ids:
             return []
         per_job = fields if isinstance(fields, list) else [fields or {}] * len(job_ids)
+        now = time.time()
         with self.redis.pipeline(transaction=False) as p:
             for job_id, f in zip(job_ids, per_job, strict=True):
-                args = [job_id, BATCH_PREFIX, ",".join(FINAL_STATUSES), status, ",".join(allowed_from), count]
+                args = [job_id, BATCH_PREFIX, ",".join(FINAL_STATUSES), status, ",".join(allowed_from), count, now]
                 for k, v in f.items():
                     args += [k, v if isinstance(v, str) else json.dumps(v)]
-                self._transition(keys=[job_key(job_id), PENDING], args=args, client=p)
-            return [tuple(r) for r in p.execute()]
+                self._transition(keys=[job_key(job_id), PENDING, WEBHOOKS_DUE], args=args, client=p)
+            results = p.execute()
+        due = [batch for _, _, batch in results if batch]
+        if due:
+            self.on_webhooks_due(due)
+        return [(result, counter) for result, counter, _ in results]
 
     def mark_fetching(self, job_id: str) -> tuple[int, int]:
         """A fetch attempt starts; the counter is this job's fetch attempts so far."""
@@ -244,6 +281,13 @@ class JobStore:
             for p in predictions
         ]
         return self.transition(job_ids, "done", ("queued", "fetching", "running"), fields)
+
+    def cancel(self, job_ids: list[str]) -> list[tuple[int, int]]:
+        """Unfinished jobs become cancelled (final): a worker's later write is refused."""
+        return self.transition(job_ids, "cancelled", UNFINISHED_STATUSES, dict(finished_at=now_iso()))
+
+    def batch_job_ids(self, batch_id: str) -> list[str]:
+        return self.redis.lrange(batch_key(batch_id, "jobs"), 0, -1)
 
     def fail(self, job_ids: list[str], code: str, message: str) -> list[tuple[int, int]]:
         return self.transition(
@@ -339,6 +383,10 @@ class JobStore:
         """True if this owner now holds the lock for `seconds` (nobody else held it)."""
         return bool(self.redis.set(f"lock:{name}", owner, nx=True, px=int(seconds * 1000)))
 
+    def release_lock(self, name: str, owner: str) -> None:
+        """Let go of a lock this owner holds (and only then: it may have expired and been taken)."""
+        self._release(keys=[f"lock:{name}"], args=[owner])
+
     def shared_secret_key(self) -> str:
         """One random key for every web process (a form rendered by one gunicorn worker is
         posted to another), made by whichever process asks first."""
@@ -392,6 +440,58 @@ class JobStore:
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+    # --- idempotency keys -----------------------------------------------------------------------
+    def claim(self, key: str, fingerprint: str, seconds: int) -> dict | None:
+        """Claim an idempotency key for a request with this fingerprint. None: the claim is
+        ours (answer the request, then answer_claim, or drop_claim on failure). Otherwise the
+        stored claim: {"fp": fingerprint, "answer": the JSON answer, or "" while unanswered}."""
+        found = self._claim(keys=[f"idem:{key}"], args=[fingerprint, seconds])
+        return json.loads(found) if found else None
+
+    def answer_claim(self, key: str, fingerprint: str, answer: str, seconds: int) -> None:
+        self.redis.set(f"idem:{key}", json.dumps({"fp": fingerprint, "answer": answer}), ex=seconds)
+
+    def drop_claim(self, key: str) -> None:
+        self.redis.delete(f"idem:{key}")
+
+    # --- webhooks -------------------------------------------------------------------------------
+    def webhook_target(self, batch_id: str) -> tuple[dict, str] | None:
+        """(the batch's record, its webhook URL) while its webhook waits to be delivered."""
+        rec = self.redis.hgetall(batch_key(batch_id))
+        if not rec or rec.get("webhook_status") != "queued":
+            return None
+        return rec, rec["webhook_url"]
+
+    def webhook_attempt(self, batch_id: str, error: str, retry_at: float | None) -> None:
+        """An attempt failed: try again at retry_at, or (None) give up."""
+        with self.redis.pipeline() as p:
+            p.hincrby(batch_key(batch_id), "webhook_attempts", 1)
+            p.hset(batch_key(batch_id), "webhook_error", error)
+            if retry_at is None:
+                p.hset(batch_key(batch_id), "webhook_status", "failed")
+                p.zrem(WEBHOOKS_DUE, batch_id)
+            else:
+                p.zadd(WEBHOOKS_DUE, {batch_id: retry_at})
+            p.execute()
+
+    def webhook_delivered(self, batch_id: str) -> None:
+        with self.redis.pipeline() as p:
+            p.hincrby(batch_key(batch_id), "webhook_attempts", 1)
+            p.hset(
+                batch_key(batch_id),
+                mapping={"webhook_status": "delivered", "webhook_delivered_at": now_iso(), "webhook_error": ""},
+            )
+            p.zrem(WEBHOOKS_DUE, batch_id)
+            p.execute()
+
+    def webhooks_overdue(self, before: float) -> list[str]:
+        """Due webhooks nobody is delivering (their task was lost), due before `before`."""
+        return self.redis.zrangebyscore(WEBHOOKS_DUE, "-inf", before, start=0, num=100)
+
+    def reschedule_webhooks(self, batch_ids: list[str], when: float) -> None:
+        if batch_ids:
+            self.redis.zadd(WEBHOOKS_DUE, dict.fromkeys(batch_ids, when), xx=True)
 
     def result_cache(self, namespace: str) -> ResultCache:
         return ResultCache(self.redis, namespace, self.ttl)

@@ -38,6 +38,7 @@ MODEL_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 FETCH_FAILURES = Counter("fetch_failures_total", "URL fetches that failed, by reason.", ["reason"])
+WEBHOOK_DELIVERIES = Counter("webhook_deliveries_total", "Webhook delivery attempts, by outcome.", ["outcome"])
 FETCH_LATENCY = Histogram(
     "fetch_duration_seconds", "Time to download one URL.", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 )

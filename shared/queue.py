@@ -14,6 +14,7 @@ from shared.settings import Settings
 
 PREDICT_TASK, PREDICT_QUEUE = "predict", "predict"
 FETCH_TASK, FETCH_QUEUE = "fetch", "fetch"
+WEBHOOK_TASK = "webhook"  # on the fetch queue: network waits, like fetching
 QUEUES = (PREDICT_QUEUE, FETCH_QUEUE)
 
 
@@ -39,7 +40,11 @@ def celery_init_app(settings: Settings) -> Celery:
         task_acks_late=True,  # acknowledge after the work, so a crash redelivers it
         task_reject_on_worker_lost=True,  # a killed pool child requeues its task
         worker_prefetch_multiplier=1,
-        task_routes={PREDICT_TASK: {"queue": PREDICT_QUEUE}, FETCH_TASK: {"queue": FETCH_QUEUE}},
+        task_routes={
+            PREDICT_TASK: {"queue": PREDICT_QUEUE},
+            FETCH_TASK: {"queue": FETCH_QUEUE},
+            WEBHOOK_TASK: {"queue": FETCH_QUEUE},
+        },
         task_default_queue=PREDICT_QUEUE,
         # Unacknowledged tasks go back to the queue after this long: longer than any task runs,
         # short enough that a killed worker's jobs are soon picked up by another.
@@ -70,3 +75,16 @@ def enqueue(app: Celery, predictions: list[PredictTask], fetches: list[FetchTask
             app.send_task(PREDICT_TASK, kwargs=t._asdict(), producer=producer, task_id=t.job_id, queue=PREDICT_QUEUE)
         for t in fetches:
             app.send_task(FETCH_TASK, kwargs=t._asdict(), producer=producer, task_id=t.job_id, queue=FETCH_QUEUE)
+
+
+def enqueue_webhooks(app: Celery, batch_ids: list[str], countdown: float = 0) -> None:
+    """Queue the completion webhook of each batch (worker/webhooks.py delivers it)."""
+    with app.producer_or_acquire() as producer:
+        for batch_id in batch_ids:
+            app.send_task(
+                WEBHOOK_TASK,
+                kwargs={"batch_id": batch_id},
+                producer=producer,
+                queue=FETCH_QUEUE,
+                countdown=countdown or None,
+            )

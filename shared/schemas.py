@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from shared.fetch import MAX_URL_LENGTH
 
-STATUSES = ("queued", "fetching", "running", "done", "failed")
-FINAL_STATUSES = ("done", "failed")
+STATUSES = ("queued", "fetching", "running", "done", "failed", "cancelled")
+FINAL_STATUSES = ("done", "failed", "cancelled")
+UNFINISHED_STATUSES = tuple(s for s in STATUSES if s not in FINAL_STATUSES)
+WEBHOOK_STATUSES = ("pending", "queued", "delivered", "failed")  # pending: the batch is not finished yet
 TOP_K_MIN, TOP_K_MAX, TOP_K_DEFAULT = 1, 10, 3
 
 TopK = Annotated[int, Field(ge=TOP_K_MIN, le=TOP_K_MAX, description="How many classes to return per image.")]
@@ -32,6 +34,11 @@ class UrlSubmission(BaseModel):
     urls: list[Url] = Field(default_factory=list, description="http(s) URLs of images; at most MAX_BATCH_ITEMS.")
     url: Url | None = Field(None, description="One URL (same as urls: [url]).")
     top_k: TopK = TOP_K_DEFAULT
+    webhook_url: Url | None = Field(
+        None,
+        description="POSTed the batch summary, signed, once the batch is finished "
+        "(the same address rules as image URLs).",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -133,21 +140,40 @@ class Job(BaseModel):
 Counts = create_model("Counts", **{s: (int, ...) for s in STATUSES})
 
 
-class Batch(BaseModel):
+class Webhook(BaseModel):
+    url: str
+    status: Literal[WEBHOOK_STATUSES] = Field(
+        description="pending until the batch is finished; then queued, and delivered or (after its attempts) failed."
+    )
+    attempts: int
+    last_error: str | None
+    delivered_at: str | None
+
+    @classmethod
+    def from_record(cls, rec: dict) -> Webhook | None:
+        if not rec.get("webhook_url"):
+            return None
+        return cls(
+            url=rec["webhook_url"],
+            status=rec.get("webhook_status", "pending"),
+            attempts=int(rec.get("webhook_attempts") or 0),
+            last_error=rec.get("webhook_error") or None,
+            delivered_at=rec.get("webhook_delivered_at") or None,
+        )
+
+
+class BatchSummary(BaseModel):
+    """A batch without its jobs: what a completion webhook carries."""
+
     batch_id: str
     created_at: str
     total: int
     counts: Counts
-    finished: bool = Field(description="Every job is done or failed.")
+    finished: bool = Field(description="Every job is done, failed or cancelled.")
     version: int = Field(description="Grows with every change; pass it back as ?since= to long-poll.")
-    jobs: list[Job] = Field(
-        description="Every job in submission order; with ?since=V only the jobs that changed after version V."
-    )
-    links: Links
 
     @classmethod
-    def from_record(cls, rec: dict, jobs: list[dict], links: Links) -> Batch:
-        """A stored batch record and some of its job records -> the API's batch."""
+    def from_record(cls, rec: dict) -> BatchSummary:
         counts = {s: int(rec.get(f"n_{s}", 0)) for s in STATUSES}
         total = int(rec["total"])
         return cls(
@@ -157,7 +183,23 @@ class Batch(BaseModel):
             counts=counts,
             finished=sum(counts[s] for s in FINAL_STATUSES) == total,
             version=int(rec.get("version", 0)),
+        )
+
+
+class Batch(BatchSummary):
+    jobs: list[Job] = Field(
+        description="Every job in submission order; with ?since=V only the jobs that changed after version V."
+    )
+    webhook: Webhook | None = Field(None, description="The completion webhook, if the submission asked for one.")
+    links: Links
+
+    @classmethod
+    def from_record(cls, rec: dict, jobs: list[dict], links: Links) -> Batch:
+        """A stored batch record and some of its job records -> the API's batch."""
+        return cls(
+            **BatchSummary.from_record(rec).model_dump(),
             jobs=[Job.from_record(j) for j in jobs],
+            webhook=Webhook.from_record(rec),
             links=links,
         )
 

@@ -67,6 +67,8 @@ class Settings:
     worker_metrics_port: int = 0  # `python -m worker` serves its processes' metrics here (0: off)
     prometheus_multiproc_dir: str = ""  # where each process writes its metrics (prometheus-client's variable)
     rate_limit: str = "600/minute;20000/hour"  # per client, on all submissions together
+    webhook_secret: str = ""  # signs completion webhooks (Standard Webhooks); unset: webhooks are refused
+    webhook_timeout: float = 10.0  # seconds for one delivery attempt
     metrics_token: str = ""  # /metrics wants "Authorization: Bearer <this>"; unset: loopback clients only
     trusted_proxies: int = 0  # reverse proxies in front of the web tier (docker-compose: 1, nginx)
     log_json: bool = True

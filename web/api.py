@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.metrics import QueueDepth, scrape_registry
 from shared.schemas import FINAL_STATUSES, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
+from web import idempotency
 from web.errors import ApiError
 from web.extensions import submissions
 from web.openapi import build_openapi
@@ -66,23 +67,64 @@ def _json(model, status: int = 200, headers: dict | None = None):
 @api.post("/api/v1/batches")
 @submissions
 def post_batch():
-    items, top_k = parse_submission(request, _ext("settings"), single=False)
-    batch_id, records = create_submission(items, top_k)
-    body = BatchCreated(
-        batch_id=batch_id, jobs=[JobSummary.from_record(r) for r in records], links=_batch_links(batch_id)
-    )
-    return _json(body, 202, {"Location": body.links.self})
+    def answer():
+        batch_id, records = create_submission(sub)
+        body = BatchCreated(
+            batch_id=batch_id, jobs=[JobSummary.from_record(r) for r in records], links=_batch_links(batch_id)
+        )
+        return body.model_dump(mode="json"), body.links.self
+
+    sub = parse_submission(request, _ext("settings"), single=False)
+    return _submitted(sub, answer)
 
 
 @api.post("/api/v1/jobs")
 @submissions
 def post_job():
-    items, top_k = parse_submission(request, _ext("settings"), single=True)
-    batch_id, [record] = create_submission(items, top_k)
-    links = Links(
-        self=url_for("api.get_job", job_id=record["job_id"]), batch=url_for("api.get_batch", batch_id=batch_id)
-    )
-    return _json(JobCreated.from_record(record, links=links), 202, {"Location": links.self})
+    def answer():
+        batch_id, [record] = create_submission(sub)
+        links = Links(
+            self=url_for("api.get_job", job_id=record["job_id"]), batch=url_for("api.get_batch", batch_id=batch_id)
+        )
+        return JobCreated.from_record(record, links=links).model_dump(mode="json"), links.self
+
+    sub = parse_submission(request, _ext("settings"), single=True)
+    return _submitted(sub, answer)
+
+
+def _submitted(sub, answer):
+    """A 202 with the answer; with an Idempotency-Key, the first answer for that key."""
+    key = request.headers.get(idempotency.HEADER)
+    if key is None:
+        body, location = answer()
+        headers = {"Location": location}
+    else:
+        body, location, replayed = idempotency.answer_once(key, sub.fingerprint(request.path), answer)
+        headers = {"Location": location, idempotency.REPLAY_HEADER: "true" if replayed else "false"}
+    return jsonify(body), 202, headers
+
+
+@api.post("/api/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """Every unfinished job of the batch is cancelled (finished ones keep their results)."""
+    store = _ext("jobs")
+    ids = store.batch_job_ids(batch_id) if _ID.match(batch_id) else []
+    if not ids:
+        raise ApiError(
+            404, "batch_not_found", f"No batch {batch_id!r} (unknown, or expired after the retention period)."
+        )
+    store.cancel(ids)
+    record, jobs = store.get_batch(batch_id)
+    return _json(Batch.from_record(record, jobs, _batch_links(batch_id)))
+
+
+@api.post("/api/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    store = _ext("jobs")
+    if not _ID.match(job_id) or store.get_job(job_id) is None:
+        raise ApiError(404, "job_not_found", f"No job {job_id!r} (unknown, or expired after the retention period).")
+    store.cancel([job_id])
+    return _json(Job.from_record(store.get_job(job_id)))
 
 
 @api.get("/api/v1/jobs/<job_id>")

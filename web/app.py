@@ -13,7 +13,7 @@ from shared.fetch import MAX_URL_LENGTH
 from shared.images import DecodeBudget
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
-from shared.queue import celery_init_app
+from shared.queue import celery_init_app, enqueue_webhooks
 from shared.settings import Settings
 from shared.storage import ImageStore
 from web.api import Slots, api
@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         # Behind reverse proxies (docker-compose: nginx) the client is the address the nearest
         # one put in X-Forwarded-For; per-client rate limits would otherwise count all clients as one.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    # A cancel that finishes a batch makes its webhook due (workers queue it when they finish one).
+    store.on_webhooks_due = lambda batch_ids: _queue_webhooks(app, batch_ids)
     limiter.init_app(app)
     csrf.init_app(app)
     csrf.exempt(api)
@@ -63,6 +65,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_middleware(app)
     register_error_handlers(app)
     return app
+
+
+def _queue_webhooks(app: Flask, batch_ids: list[str]) -> None:
+    try:
+        enqueue_webhooks(app.extensions["celery"], batch_ids)
+    except Exception as exc:  # noqa: BLE001 - the workers' janitor queues overdue webhooks again
+        log.warning("could not queue webhooks %s: %s", batch_ids, exc)
 
 
 def _shared_secret_key(store: JobStore) -> str:

@@ -13,6 +13,8 @@ ERRORS = {
     "404": "Unknown id, or expired after the retention period.",
     "413": "Too large: the request, one image, or more items than a batch holds.",
     "415": "Not an image we accept, or a body that is neither multipart nor JSON.",
+    "409": "A request with this Idempotency-Key is still being answered; send it again shortly.",
+    "422": "This Idempotency-Key came with another request (idempotency_key_reused).",
     "429": "Too many submissions from this client; see Retry-After.",
     "503": "Redis is unavailable; nothing was stored. See Retry-After.",
 }
@@ -43,6 +45,27 @@ def build_openapi(settings: Settings) -> dict:
             },
             "urls": {"type": "string", "description": "Image URLs, one per line."},
             "top_k": s.top_k_adapter.json_schema() | {"default": s.TOP_K_DEFAULT},
+            "webhook_url": {
+                "type": "string",
+                "description": "POSTed the batch summary, signed, once the batch "
+                "is finished (needs WEBHOOK_SECRET on the server).",
+            },
+        },
+    }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Printable, at most 200 characters. The same key from the same client within the retention "
+        "period answers with the original batch (Idempotent-Replayed: true) and queues nothing again; "
+        "with another request it is a 422.",
+        "schema": {"type": "string", "maxLength": 200},
+    }
+    accepted_headers = {
+        "Location": {"schema": {"type": "string"}},
+        "Idempotent-Replayed": {
+            "schema": {"type": "string", "enum": ["true", "false"]},
+            "description": "Sent with an Idempotency-Key: whether this answer is the original one, replayed.",
         },
     }
     submit_body = {
@@ -73,6 +96,7 @@ def build_openapi(settings: Settings) -> dict:
             "/api/v1/batches": {
                 "post": {
                     "operationId": "createBatch",
+                    "parameters": [idempotency_key],
                     "summary": f"Submit up to {settings.max_batch_items} images and/or URLs",
                     "description": "Items that are not usable become failed jobs with their reason; a "
                     "request in which no item is usable is answered with that error.",
@@ -81,24 +105,25 @@ def build_openapi(settings: Settings) -> dict:
                         "202": {
                             "description": "Accepted",
                             "content": _json(s.BatchCreated),
-                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "headers": accepted_headers,
                         },
-                        **_errors("400", "413", "415", "429", "503"),
+                        **_errors("400", "409", "413", "415", "422", "429", "503"),
                     },
                 }
             },
             "/api/v1/jobs": {
                 "post": {
                     "operationId": "createJob",
+                    "parameters": [idempotency_key],
                     "summary": "Submit exactly one image or URL",
                     "requestBody": submit_body,
                     "responses": {
                         "202": {
                             "description": "Accepted",
                             "content": _json(s.JobCreated),
-                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "headers": accepted_headers,
                         },
-                        **_errors("400", "413", "415", "429", "503"),
+                        **_errors("400", "409", "413", "415", "422", "429", "503"),
                     },
                 }
             },
@@ -132,6 +157,29 @@ def build_openapi(settings: Settings) -> dict:
                     "responses": {
                         "200": {"description": "The batch", "content": _json(s.Batch)},
                         **_errors("400", "404", "503"),
+                    },
+                }
+            },
+            "/api/v1/batches/{batch_id}/cancel": {
+                "post": {
+                    "operationId": "cancelBatch",
+                    "summary": "Cancel every unfinished job of a batch (finished ones keep their results; "
+                    "again is a no-op)",
+                    "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": hex_id}],
+                    "responses": {
+                        "200": {"description": "The batch, cancelled", "content": _json(s.Batch)},
+                        **_errors("404", "503"),
+                    },
+                }
+            },
+            "/api/v1/jobs/{job_id}/cancel": {
+                "post": {
+                    "operationId": "cancelJob",
+                    "summary": "Cancel a job if it is not finished",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": hex_id}],
+                    "responses": {
+                        "200": {"description": "The job", "content": _json(s.Job)},
+                        **_errors("404", "503"),
                     },
                 }
             },

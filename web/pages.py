@@ -37,8 +37,7 @@ def index():
 def submit_form():
     """The form's no-JavaScript path: submit, then go to the batch page."""
     try:
-        items, top_k = parse_submission(request, current_app.extensions["settings"], single=False)
-        batch_id, _ = create_submission(items, top_k)
+        batch_id, _ = create_submission(parse_submission(request, current_app.extensions["settings"], single=False))
     except ApiError as e:
         return _form(e.message), e.status
     return redirect(url_for("pages.batch_page", batch_id=batch_id), 303)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -36,7 +38,26 @@ class Url:
     url: str
 
 
-def parse_submission(request, settings: Settings, single: bool) -> tuple[list, int]:
+@dataclass
+class Submission:
+    items: list  # Upload and Url, in the order sent
+    top_k: int
+    webhook_url: str = ""
+
+    def fingerprint(self, path: str) -> str:
+        """What makes two requests the same request (for idempotency keys): the route, the
+        choices and the inputs themselves (files by content: a retried multipart body has
+        another boundary, and the same files)."""
+        items = [
+            ["url", i.url]
+            if isinstance(i, Url)
+            else ["upload", i.filename, hashlib.sha256(i.data).hexdigest() if i.data else i.refusal.code]
+            for i in self.items
+        ]
+        return hashlib.sha256(json.dumps([path, self.top_k, self.webhook_url, items]).encode()).hexdigest()
+
+
+def parse_submission(request, settings: Settings, single: bool) -> Submission:
     """Read files and URLs from a multipart form, a plain form or a JSON body (shared/schemas.py)."""
     if request.is_json:
         try:
@@ -49,8 +70,9 @@ def parse_submission(request, settings: Settings, single: bool) -> tuple[list, i
             sub = UrlSubmission.model_validate(body)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        files, urls, top_k = [], ([sub.url] if sub.url else []) + sub.urls, sub.top_k
+        files, urls, top_k, webhook = [], ([sub.url] if sub.url else []) + sub.urls, sub.top_k, sub.webhook_url
     elif request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        webhook = request.form.get("webhook_url", "").strip()
         files = [f for name in ("images", "image") for f in request.files.getlist(name)]
         text = "\n".join(request.form.getlist("urls") + request.form.getlist("url"))
         urls = [line.strip() for line in text.splitlines() if line.strip()]
@@ -80,7 +102,23 @@ def parse_submission(request, settings: Settings, single: bool) -> tuple[list, i
             f"A batch holds at most {settings.max_batch_items} "
             f"images or URLs; got {count}. Split it into several batches.",
         )
-    return [_upload(f, settings) for f in files] + [Url(u) for u in urls], top_k
+    if webhook:
+        _check_webhook(webhook, settings)
+    return Submission([_upload(f, settings) for f in files] + [Url(u) for u in urls], top_k, webhook or "")
+
+
+def _check_webhook(url: str, settings: Settings) -> None:
+    """The same rules as for image URLs (resolved, pinned and checked again at every delivery)."""
+    if not settings.webhook_secret:
+        raise ApiError(
+            400,
+            "webhooks_not_configured",
+            "This deployment sends no webhooks (WEBHOOK_SECRET is not set): poll the batch instead.",
+        )
+    try:
+        check_url(url, settings.fetch_allow_hosts, resolve=False)
+    except UrlRefused as exc:
+        raise ApiError(400, exc.code, f"webhook_url: {exc.message}") from None
 
 
 def _invalid(exc: ValidationError, field: str | None = None) -> ApiError:
@@ -111,10 +149,11 @@ def _upload(f: FileStorage, settings: Settings) -> Upload:
     return Upload(name, data)
 
 
-def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
+def create_submission(sub: Submission) -> tuple[str, list[dict]]:
     """Check every item, write the records, queue the work, then store the images (so that
     nothing is stored when Redis refuses). Returns (batch_id, job records)."""
     settings: Settings = current_app.extensions["settings"]
+    items, top_k = sub.items, sub.top_k
     new_jobs, prepared, first_error = [], {}, None  # prepared: item index -> PreparedImage
     decode = _RequestDecoder(settings, current_app.extensions["decode_budget"])
     for i, item in enumerate(items):
@@ -134,7 +173,7 @@ def create_submission(items: list, top_k: int) -> tuple[str, list[dict]]:
         raise ApiError(first_error.status, first_error.code, first_error.message)
 
     store = current_app.extensions["jobs"]
-    batch_id, records = store.create_batch(new_jobs, top_k)
+    batch_id, records = store.create_batch(new_jobs, top_k, sub.webhook_url)
     try:
         enqueue(
             current_app.extensions["celery"],

@@ -25,13 +25,23 @@ from celery_batches import Batches
 from shared.images import DecodeBudget
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
-from shared.queue import FETCH_TASK, PREDICT_TASK, FetchTask, PredictTask, celery_init_app, enqueue
+from shared.queue import (
+    FETCH_TASK,
+    PREDICT_TASK,
+    WEBHOOK_TASK,
+    FetchTask,
+    PredictTask,
+    celery_init_app,
+    enqueue,
+    enqueue_webhooks,
+)
 from shared.settings import Settings
 from shared.storage import ImageStore
 from worker.fetching import fetch_job
-from worker.janitor import rescue_dead_workers, rescue_lost_tasks, sweep_expired_images
+from worker.janitor import rescue_dead_workers, rescue_lost_tasks, rescue_lost_webhooks, sweep_expired_images
 from worker.prediction import predict_jobs
 from worker.state import WorkerState, until_redis_answers
+from worker.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
 IMAGE_SWEEP_SECONDS = 3600
@@ -108,6 +118,12 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         t0 = time.perf_counter()
         outcomes = predict_jobs(state, [dict(r.kwargs) for r in requests])
         send_task_events(app, requests, outcomes, time.perf_counter() - t0)
+
+    state.store.on_webhooks_due = lambda batch_ids: until_redis_answers(enqueue_webhooks, app, batch_ids)
+
+    @app.task(name=WEBHOOK_TASK, acks_late=True, shared=False)
+    def webhook(batch_id: str):
+        deliver_webhook(state, batch_id)
 
     @app.task(name=FETCH_TASK, acks_late=True, shared=False)
     def fetch(job_id: str, url: str, top_k: int = 3):
@@ -225,6 +241,7 @@ def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
                 if state.store.take_lock("janitor", node, s.worker_heartbeat_seconds):
                     rescue_dead_workers(state, now)
                     rescue_lost_tasks(state, now)
+                    rescue_lost_webhooks(state, now)
                 if s.worker_role == "fetch" and state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
                     sweep_expired_images(state)
         except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 
-from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, FetchTask, PredictTask, enqueue
+from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, FetchTask, PredictTask, enqueue, enqueue_webhooks
 from shared.schemas import FINAL_STATUSES, TOP_K_DEFAULT
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,18 @@ def rescue_lost_tasks(state, now: float | None = None) -> int:
         store.touch_pending(ids, now)
         log.warning("re-queued %d lost tasks", len(ids), extra={"job_ids": ids})
     return len(predictions) + len(fetches)
+
+
+def rescue_lost_webhooks(state, now: float | None = None) -> int:
+    """Queue again the webhooks that have been due for a while with nobody delivering them (the
+    task was lost, or its enqueueing failed when the batch finished)."""
+    now = time.time() if now is None else now
+    overdue = state.store.webhooks_overdue(now - 30)
+    if overdue:
+        enqueue_webhooks(state.celery, overdue)
+        state.store.reschedule_webhooks(overdue, now)
+        log.warning("re-queued %d webhooks", len(overdue), extra={"batch_ids": overdue})
+    return len(overdue)
 
 
 def sweep_expired_images(state) -> int:

@@ -18,7 +18,7 @@ def test_no_server_errors_and_documented_responses(stack_factory):
     stack.wait_ready()
     schema = schemathesis.openapi.from_url(stack.url + "/api/v1/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert len(operations) == 6
+    assert len(operations) == 8
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -27,7 +27,7 @@ def test_a_batch_is_created_with_counts_and_jobs_in_order(store):
     )
     batch = public_batch(store, batch_id)
     assert batch["total"] == 3 and not batch["finished"]
-    assert batch["counts"] == {"queued": 1, "fetching": 1, "running": 0, "done": 0, "failed": 1}
+    assert batch["counts"] == {"queued": 1, "fetching": 1, "running": 0, "done": 0, "failed": 1, "cancelled": 0}
     assert [j["job_id"] for j in batch["jobs"]] == [r["job_id"] for r in records]
     assert batch["jobs"][2]["error"] == {"code": "unsupported_format", "message": "no"}
     assert batch["jobs"][0]["source"] == {"type": "upload", "value": "a.png"}

@@ -29,7 +29,7 @@
     return job.source.type === "url" ? v : v;
   }
 
-  const STATE_TEXT = { queued: "Queued…", fetching: "Fetching…", running: "Classifying…" };
+  const STATE_TEXT = { queued: "Queued…", fetching: "Fetching…", running: "Classifying…", cancelled: "Cancelled" };
 
   function renderJob(job) {
     let card = cards.get(job.job_id);
@@ -75,6 +75,18 @@
 
   const jobs = new Map();  // every job seen so far (with ?since the API sends only changed ones)
 
+  // Cancel: every job not finished yet stops (finished ones keep their results).
+  const cancelButton = document.getElementById("cancel");
+  cancelButton.addEventListener("click", async () => {
+    cancelButton.disabled = true;
+    try {
+      const resp = await fetch(api + "/cancel", { method: "POST", headers: { Accept: "application/json" } });
+      if (resp.ok) renderBatch(await resp.json());
+    } finally {
+      cancelButton.disabled = false;
+    }
+  });
+
   function renderBatch(b) {
     latest = b;
     b.jobs.forEach((j) => jobs.set(j.job_id, j));
@@ -85,8 +97,10 @@
     const bar = document.getElementById("progress");
     bar.setAttribute("aria-valuemax", b.total);
     bar.setAttribute("aria-valuenow", c.done + c.failed);
-    statusLine.textContent = `${c.done} done, ${c.failed} failed, ${b.total - c.done - c.failed} ` +
-      `waiting — ${b.total} in all` + (b.finished ? ". Finished." : "");
+    const waiting = b.total - c.done - c.failed - c.cancelled;
+    statusLine.textContent = `${c.done} done, ${c.failed} failed, ` + (c.cancelled ? `${c.cancelled} cancelled, ` : "") +
+      `${waiting} waiting — ${b.total} in all` + (b.finished ? ". Finished." : "");
+    cancelButton.hidden = b.finished;
     b.jobs.forEach(renderJob);
     if (b.finished) offerDownloads(Object.assign({}, b, { jobs: Array.from(jobs.values()) }));
   }
