@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from shared.predictor import Predictor  # noqa: E402
+from shared.predictor import Predictor, load_predictor  # noqa: E402
 from shared.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
 BATCH_SIZES = (1, 8, 64, 256, 1024)
@@ -44,7 +44,9 @@ def main(argv=None) -> dict:
     check = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     reference = None
     for precision in args.precisions.split(","):
-        predictor = Predictor(args.model, precision=precision, tta_level=None if args.tta_level < 0 else args.tta_level)
+        predictor = load_predictor(
+            args.model, precision=precision, tta_level=None if args.tta_level < 0 else args.tta_level
+        )
         out["tta_level"] = predictor.tta_level
         out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1) for b in BATCH_SIZES}
         out["tracing_count"][precision] = predictor.tracing_count

@@ -53,7 +53,7 @@ class Client:
             except ValueError:
                 body = {}
             if resp.status_code >= 400:
-                err = body.get("error", {})
+                err = (body.get("error") if isinstance(body, dict) else None) or {}
                 raise ServiceError(resp.status_code, err.get("code", "http_error"), err.get("message", resp.text[:200]))
             return body
         raise AssertionError("unreachable")
@@ -94,7 +94,11 @@ def _key(key: str | None) -> dict:
 
 
 def _code(resp) -> str:
+    """The error code of an answer, "" if it has none. A job's own "error" is null until it fails:
+    reading it as a dict broke `get JOB_ID` once."""
     try:
-        return resp.json().get("error", {}).get("code", "")
+        body = resp.json()
     except ValueError:
         return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code", "") if isinstance(error, dict) else ""

@@ -40,7 +40,7 @@ class ResultWriter:
         self.fields = (
             ["input", "status"]
             + [f for i in range(1, top_k + 1) for f in (f"label_{i}", f"probability_{i}")]
-            + ["error_code", "error_message", "job_id"]
+            + ["uncertain", "error_code", "error_message", "job_id"]
         )
 
     def repair(self) -> None:
@@ -82,6 +82,7 @@ class ResultWriter:
             "input": r["input"],
             "status": r["status"],
             "job_id": r.get("job_id", ""),
+            "uncertain": {True: "yes", False: "no"}.get(r.get("uncertain"), ""),
             "error_code": (r.get("error") or {}).get("code", ""),
             "error_message": (r.get("error") or {}).get("message", ""),
         }
@@ -190,6 +191,7 @@ class Run:
                 "input": jobs.pop(job["job_id"]),
                 "status": job["status"],
                 "predictions": job["predictions"],
+                "uncertain": job.get("uncertain"),
                 "error": job["error"],
                 "job_id": job["job_id"],
             }

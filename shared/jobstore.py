@@ -269,16 +269,20 @@ class JobStore:
         """A suspect job is about to run alone: how many times has it now (see worker.prediction)."""
         return int(self.redis.hincrby(job_key(job_id), "solo_attempts", 1))
 
-    def complete(self, job_ids: list[str], predictions: list[list[dict]], model: dict) -> list[tuple[int, int]]:
+    def complete(
+        self, job_ids: list[str], predictions: list[list[dict]], model: dict, uncertain: list[bool] | None = None
+    ) -> list[tuple[int, int]]:
         finished = now_iso()
+        uncertain = uncertain or [False] * len(job_ids)
         fields = [
             dict(
                 predictions=json.dumps(p),
+                uncertain="1" if u else "0",
                 model_name=model["name"],
                 model_version=model["version"],
                 finished_at=finished,
             )
-            for p in predictions
+            for p, u in zip(predictions, uncertain, strict=True)
         ]
         return self.transition(job_ids, "done", ("queued", "fetching", "running"), fields)
 

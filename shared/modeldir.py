@@ -58,9 +58,10 @@ def read_model_info(model_dir: str | Path) -> tuple[ModelInfo, dict]:
 
 
 def resolve_precision(precision: str) -> str:
-    """ "auto": bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32."""
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
+    """ "auto": bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32.
+    int8 is the quantized net, which only the openvino runtime has (shared.predictor)."""
+    if precision not in ("auto", "float32", "bfloat16", "int8"):
+        raise ValueError(f"precision must be auto, float32, bfloat16 or int8, not {precision!r}")
     if precision != "auto":
         return precision
     return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"

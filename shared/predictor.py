@@ -1,114 +1,138 @@
-"""Predict calibrated class probabilities with a shipped model, on Keras.
+"""Predict calibrated class probabilities with a shipped model: the one inference path
+(`training.evaluate` measures exactly what the worker serves).
 
-The one inference path: `training.evaluate` measures exactly what the worker serves.
-Imports Keras (TensorFlow) at the top: a worker imports this module only in its forked pool
-processes (worker/app.py), never before the fork, and the web tier never imports it.
+A Predictor owns what is the same on every runtime: test-time augmentation (the views,
+computed here in NumPy and sent to the net as one batch), the temperature, and the answer's
+identity (cache_namespace). A runtime only maps a batch of uint8 images to logits:
+shared/keras_runtime.py (TensorFlow) or shared/openvino_runtime.py. load_predictor picks one.
+No model framework is imported here; a runtime imports its own when it is loaded, which the
+worker does only in its forked pool processes.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
+from shared.modeldir import ModelInfo, read_model_info, resolve_precision, softmax
 
-from shared.modeldir import MODEL_FILE, ModelLoadError, read_model_info, resolve_precision, softmax  # noqa: E402
+RUNTIMES = ("keras", "openvino")
 
 
-def tta_views(images, level: int):
+def tta_views(images: np.ndarray, level: int) -> tuple[list[np.ndarray], list[float]]:
     """Test-time augmentation: (views, weights). Level 0: as is; 1: + mirror; 2: + 1-px shifts."""
     views, weights = [images], [1.0]
     if level >= 1:
-        views, weights = [images, ops.flip(images, axis=2)], [0.5, 0.5]
+        views, weights = [images, images[:, :, ::-1]], [0.5, 0.5]
     if level >= 2:
-        padded = ops.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
-        for shifted in (padded[:, :32, :32, :], padded[:, 2:, 2:, :]):
-            views += [shifted, ops.flip(shifted, axis=2)]
+        padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        for shifted in (padded[:, :32, :32], padded[:, 2:, 2:]):
+            views += [shifted, shifted[:, :, ::-1]]
         weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
     return views, weights
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Test-time augmentation where it may pay: every image at level `first`; those whose top
+    probability is then below `below` again at level `then`, together, in one more call (a
+    batch stays a batch)."""
+
+    first: int
+    then: int
+    below: float
 
 
 class Predictor:
     """uint8 (N, 32, 32, 3) RGB images -> (N, classes) calibrated probabilities."""
 
     def __init__(
-        self, model_dir: str | Path, tta_level: int | None = None, precision: str = "float32", threads: int = 0
+        self, info: ModelInfo, net, runtime: str, precision: str, tta_level: int, cascade: Cascade | None = None
     ):
-        self.info, _ = read_model_info(model_dir)
-        if threads and keras.backend.backend() == "tensorflow":
-            import tensorflow as tf  # only on this backend (a JAX worker has no TensorFlow)
-
-            # Several model processes on one machine: give each its share of the cores.
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        try:
-            net = keras.saving.load_model(Path(model_dir) / MODEL_FILE, compile=False)
-        except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
-            raise ModelLoadError(f"{Path(model_dir) / MODEL_FILE}: cannot load ({exc})") from None
-        self.precision = resolve_precision(precision)
-        self.net = net if self.precision == "float32" else _with_policy(net, "mixed_bfloat16")
-        self.tta_level = self.info.tta_level if tta_level is None else tta_level
-        self._logits = self._compile()
-
-    def _compile(self):
-        def logits(images):
-            views, weights = tta_views(images, self.tta_level)
-            n = ops.shape(images)[0]
-            # All views in one model call: one big batch is faster than six small ones.
-            out = self.net(ops.concatenate(views, axis=0), training=False)
-            out = ops.reshape(ops.cast(out, "float32"), (len(views), n, -1))
-            return ops.sum(out * ops.reshape(ops.array(weights, "float32"), (-1, 1, 1)), axis=0)
-
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf  # only on this backend
-
-            # One fixed signature: any batch size runs the same traced graph (no retracing).
-            return tf.function(
-                logits, input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)], reduce_retracing=True
-            )
-        if keras.backend.backend() == "jax":  # e.g. a GPU worker without TensorFlow
-            import jax  # only on this backend
-
-            return jax.jit(logits)
-        return logits
+        self.info, self.net, self.runtime, self.precision, self.tta_level = info, net, runtime, precision, tta_level
+        self.cascade = cascade
+        self.views_computed = 0  # forward passes so far (images x views): what the compute buys
 
     @property
     def cache_namespace(self) -> str:
         """Everything besides the image that decides an answer: the result cache's namespace."""
-        return f"{self.info.version}/tta{self.tta_level}/{self.precision}/keras"
+        c = self.cascade
+        tta = f"cascade{c.first}-{c.then}-{c.below:g}" if c else f"tta{self.tta_level}"
+        return f"{self.info.version}/{tta}/{self.precision}/{self.runtime}"
 
     @property
     def tracing_count(self) -> int:
-        return (
-            self._logits.experimental_get_tracing_count()
-            if hasattr(self._logits, "experimental_get_tracing_count")
-            else 0
-        )
+        return self.net.tracing_count
 
     def logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         images = np.asarray(images, dtype=np.uint8)
         if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected (N, 32, 32, 3) uint8 images, got {images.shape}")
-        parts = [np.asarray(self._logits(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        parts = [self._logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.info.classes)), np.float32)
+
+    def _logits(self, images: np.ndarray) -> np.ndarray:
+        if self.cascade is None:
+            return self._views_logits(images, self.tta_level)
+        logits = self._views_logits(images, self.cascade.first)
+        unsure = softmax(logits / self.info.temperature).max(1) < self.cascade.below
+        if unsure.any():
+            logits[unsure] = self._views_logits(images[unsure], self.cascade.then)
+        return logits
+
+    def _views_logits(self, images: np.ndarray, level: int) -> np.ndarray:
+        views, weights = tta_views(images, level)
+        # All views in one call: one big batch is faster than six small ones.
+        out = self.net(np.ascontiguousarray(np.concatenate(views)))
+        self.views_computed += len(out)
+        out = out.reshape(len(views), len(images), -1)
+        return np.tensordot(np.asarray(weights, np.float32), out, axes=1)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         return softmax(self.logits(images, batch_size) / self.info.temperature)
 
 
-def _with_policy(net, policy: str):
-    """The same net and weights, computing in another dtype policy (the logits stay float32)."""
+def load_predictor(
+    model_dir: str | Path,
+    tta_level: int | None = None,
+    precision: str = "float32",
+    threads: int = 0,
+    runtime: str = "keras",
+) -> Predictor:
+    """The model in model_dir on a runtime: keras, openvino, or auto (what model.json serves
+    with, where that runtime is installed and its files are there; else keras). tta_level None:
+    as model.json serves it."""
+    info, meta = read_model_info(model_dir)
+    serving = meta.get("serving", {})
+    cascade = Cascade(**serving["cascade"]) if tta_level is None and serving.get("cascade") else None
+    if runtime == "auto":
+        runtime = serving.get("runtime", "keras")
+        if runtime == "openvino" and not _openvino_available(Path(model_dir), meta):
+            runtime = "keras"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be auto, {' or '.join(RUNTIMES)}, not {runtime!r}")
+    precision = resolve_precision(precision)
+    if precision == "int8" and runtime != "openvino":
+        raise ValueError("int8 (the quantized net) runs on the openvino runtime only")
+    if runtime == "openvino":
+        from shared.openvino_runtime import OpenVINONet  # imports OpenVINO
 
-    def clone(layer):
-        config = layer.get_config()
-        if layer.name != "logits":
-            config["dtype"] = policy
-        return layer.__class__.from_config(config)
+        net = OpenVINONet(Path(model_dir), meta, precision, threads)
+    else:
+        from shared.keras_runtime import KerasNet  # imports TensorFlow
 
-    copy = keras.models.clone_model(net, clone_function=clone)
-    copy.set_weights(net.get_weights())
-    return copy
+        net = KerasNet(Path(model_dir), precision, threads)
+    level = info.tta_level if tta_level is None else tta_level
+    return Predictor(info, net, runtime, precision, level, cascade)
+
+
+def _openvino_available(model_dir: Path, meta: dict) -> bool:
+    from shared.openvino_runtime import IR_FILES
+
+    try:
+        import openvino  # noqa: F401 - is the runtime installed here?
+    except ImportError:
+        return False
+    return all((model_dir / f).is_file() and f in meta.get("files", {}) for f in IR_FILES)

@@ -110,6 +110,12 @@ class Job(BaseModel):
     image: str | None = Field(description="sha256 of the stored image; its thumbnail is /images/<sha256>.jpg.")
     top_k: int
     predictions: list[Prediction] | None = Field(description="Most likely first; null until done.")
+    uncertain: bool | None = Field(
+        None,
+        description="The model is not sure: its top probability is below the "
+        "threshold it ships with (chosen on real photos, where such "
+        "answers are right less than half the time). Null until done.",
+    )
     model: ModelRef | None
     error: ErrorDetail | None
     created_at: str
@@ -128,6 +134,7 @@ class Job(BaseModel):
             image=rec.get("image") or None,
             top_k=int(rec.get("top_k") or TOP_K_DEFAULT),
             predictions=json.loads(rec["predictions"]) if rec.get("predictions") else None,
+            uncertain=rec["uncertain"] == "1" if rec.get("uncertain") else None,
             model=ModelRef(name=rec["model_name"], version=rec["model_version"]) if rec.get("model_name") else None,
             error=ErrorDetail.from_record(rec),
             created_at=rec["created_at"],

@@ -55,6 +55,7 @@ class Settings:
     predict_processes: int = 0  # model processes per worker (0: one per CPU, at most 4)
     predict_threads: int = 0  # compute threads per model process (0: the CPUs shared out)
     predict_tta_level: int = -1  # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
+    predict_runtime: str = "auto"  # keras | openvino | auto (as model.json serves it, where installed)
     result_cache: bool = True  # the same image (pixels) and model version: predicted once
     task_max_attempts: int = 3  # deliveries of one job before it fails as poison
     task_soft_time_limit: float = 30.0  # seconds for one prediction batch or fetch

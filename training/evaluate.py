@@ -26,7 +26,7 @@ from PIL import Image
 
 from shared.images import check_image, preprocess, to_model_input
 from shared.modeldir import META_FILE
-from shared.predictor import Predictor
+from shared.predictor import Predictor, load_predictor
 from shared.settings import DEFAULT_MODEL_DIR
 from training.card import write_model_card
 from training.data import load_dataset
@@ -90,7 +90,7 @@ def evaluate_cifar(args, predictor: Predictor) -> None:
     if list(ds.classes) != predictor.info.classes:
         raise SystemExit(f"the data's classes {ds.classes} differ from the model's {predictor.info.classes}")
     print(f"data {ds.source}")
-    plain = Predictor(args.model, tta_level=0, precision=args.precision)
+    plain = load_predictor(args.model, tta_level=0, precision=args.precision, runtime=args.runtime)
     print(f"accuracy without TTA: {np.mean(plain.logits(ds.test_x).argmax(1) == ds.test_y):.4f}")
     if args.study:
         study = preprocessing_study(plain, ds.test_x, ds.test_y)  # without TTA: the input path alone
@@ -154,11 +154,17 @@ def main(argv=None) -> None:
         choices=["float32", "bfloat16", "auto"],
         help="compute precision (the worker's PREDICT_PRECISION)",
     )
+    p.add_argument(
+        "--runtime",
+        default="keras",
+        choices=["keras", "openvino", "auto"],
+        help="inference runtime (the worker's PREDICT_RUNTIME; auto: as model.json serves it)",
+    )
     args = p.parse_args(argv)
-    predictor = Predictor(args.model, precision=args.precision)
+    predictor = load_predictor(args.model, precision=args.precision, runtime=args.runtime)
     print(
         f"model {predictor.info.name} {predictor.info.version}, TTA level {predictor.tta_level}, "
-        f"temperature {predictor.info.temperature:.3f}, {predictor.precision}"
+        f"temperature {predictor.info.temperature:.3f}, {predictor.precision} on {predictor.runtime}"
     )
     (evaluate_photos if args.photos else evaluate_cifar)(args, predictor)
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from shared.digest import file_digest
 from shared.modeldir import META_FILE, MODEL_FILE, softmax
-from shared.predictor import Predictor
+from shared.predictor import load_predictor
 from training.card import write_model_card
 from training.metrics import fit_temperature, metrics
 from training.model import build_net
@@ -87,7 +87,7 @@ def save_model_dir(
         train_seconds=round(train_seconds, 1),
         history=history,
     )
-    predictor = Predictor(out)
+    predictor = load_predictor(out)
     val_x, val_y = val
     if len(val_x):
         meta["temperature"] = fit_temperature(predictor.logits(val_x), val_y)
@@ -95,7 +95,7 @@ def save_model_dir(
     if len(dataset.test_x):
         m = metrics(softmax(logits / meta["temperature"]), dataset.test_y, dataset.classes)
         m["accuracy_no_tta"] = float(
-            np.mean(Predictor(out, tta_level=0).logits(dataset.test_x).argmax(1) == dataset.test_y)
+            np.mean(load_predictor(out, tta_level=0).logits(dataset.test_x).argmax(1) == dataset.test_y)
         )
         m["ece_before_temperature"] = metrics(softmax(logits), dataset.test_y, dataset.classes)["ece"]
         meta["test"] = m
@@ -109,6 +109,29 @@ def save_model_dir(
     write_meta(out, meta)
     write_model_card(out, meta)
     return meta
+
+
+def export_openvino(out: Path, calibration: np.ndarray | None = None) -> dict[str, str]:
+    """The shipped net converted to OpenVINO's IR beside model.keras (model.xml and .bin,
+    float32 weights), and with calibration images (uint8, a few hundred training images) also
+    its int8 quantization (NNCF's post-training quantization: model-int8.xml and .bin). Returns
+    the files' checksums, for model.json."""
+    import openvino as ov  # training and export need it; a worker only where it serves with it
+
+    from shared.openvino_runtime import INT8_FILES, IR_FILES
+
+    net = keras.saving.load_model(out / MODEL_FILE, compile=False)
+    fn = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
+    model = ov.convert_model(fn)
+    ov.save_model(model, out / IR_FILES[0], compress_to_fp16=False)
+    files = list(IR_FILES)
+    if calibration is not None:
+        import nncf  # quantization only happens here, at export
+
+        quantized = nncf.quantize(model, nncf.Dataset([x[None] for x in calibration]), subset_size=len(calibration))
+        ov.save_model(quantized, out / INT8_FILES[0], compress_to_fp16=False)
+        files += INT8_FILES
+    return {f: file_digest(out / f) for f in files}
 
 
 def write_meta(out: Path, meta: dict) -> None:

@@ -72,13 +72,14 @@ class ReceivedTasks:
 
 def load_predictor(settings: Settings):
     """The served model, as the settings ask for it."""
-    from shared.predictor import Predictor  # imports TensorFlow: only ever after the fork
+    from shared.predictor import load_predictor  # loads TensorFlow or OpenVINO: only ever after the fork
 
-    return Predictor(
+    return load_predictor(
         settings.model_dir,
         precision=settings.predict_precision,
         threads=settings.predict_threads,
         tta_level=None if settings.predict_tta_level < 0 else settings.predict_tta_level,
+        runtime=settings.predict_runtime,
     )
 
 

@@ -121,8 +121,9 @@ def _record(state: WorkerState, items: list[PredictItem], probs: list[np.ndarray
     done = [(it, p) for it, p in zip(items, probs, strict=True) if p is not None]
     ids = [it.job_id for it, _ in done]
     predictions = [top_k(p[None], info.classes, it.top_k)[0] for it, p in done]
+    uncertain = [float(p.max()) < info.uncertain_below for _, p in done]
     model = {"name": info.name, "version": info.version}
-    count_outcomes(state, until_redis_answers(state.store.complete, ids, predictions, model), ids, "done")
+    count_outcomes(state, until_redis_answers(state.store.complete, ids, predictions, model, uncertain), ids, "done")
     failed = [it.job_id for it, p in zip(items, probs, strict=True) if p is None]
     if failed:
         fail(state, failed, "prediction_failed", "The model could not process this image.")

@@ -70,13 +70,9 @@ def test_upload_files_and_watch_results_arrive(url_stack, page, tmp_path):
     stack, _ = url_stack
     page.goto(stack.url + "/")
     page.screenshot(path=SHOTS / "1-empty.png", full_page=True)
-    page.set_input_files(
-        "#images",
-        files(
-            tmp_path,
-            [(f"photo{i}.png", noise_png(i)) for i in range(4)] + [("notes.jpg", b"this is text, not a picture")],
-        ),
-    )
+    names = ["=1+2.png"] + [f"photo{i}.png" for i in range(1, 4)]  # a name a spreadsheet would run as a formula
+    items = [(n, noise_png(i)) for i, n in enumerate(names)] + [("notes.jpg", b"this is text, not a picture")]
+    page.set_input_files("#images", files(tmp_path, items))
     assert page.locator("#previews li").count() == 5  # previews before submitting
     page.screenshot(path=SHOTS / "2-selected.png", full_page=True)
     page.click("#submit")
@@ -118,6 +114,7 @@ def test_upload_files_and_watch_results_arrive(url_stack, page, tmp_path):
         page.click("#dl-csv")
     csv_text = open(dl.value.path()).read()
     assert csv_text.startswith('"source","status"') and csv_text.count("\n") == 4 * 3 + 1
+    assert '"\'=1+2.png"' in csv_text and '"=1+2.png"' not in csv_text  # escaped, not a formula
 
 
 def test_paste_urls(url_stack, page):
@@ -161,12 +158,21 @@ def test_phone_width_and_keyboard(url_stack, browser, tmp_path):
             assert inside_viewport(page, sel), sel
         assert page.evaluate("document.documentElement.scrollWidth") <= 391  # no sideways scrolling
         page.screenshot(path=SHOTS / "6-phone-form.png", full_page=True)
-        page.set_input_files("#images", files(tmp_path, [("a.png", noise_png(1)), ("b.jpg", image_bytes("JPEG"))]))
+        # Real photo file names are long: they must not push the probabilities off the screen.
+        long_names = ["in1k_n03770679_minivan.jpg", "IMG_20261201_093512_HDR_portrait_parking_lot_by_the_sea.jpg"]
+        page.set_input_files(
+            "#images", files(tmp_path, [(long_names[0], image_bytes("JPEG")), (long_names[1], noise_png(1))])
+        )
         page.fill("#urls", "")
         page.focus("#submit")
         page.keyboard.press("Enter")  # the focused button submits
         page.wait_for_selector("#downloads:not([hidden])", timeout=60_000)
         assert page.evaluate("document.documentElement.scrollWidth") <= 391
+        for card in range(2):  # every probability on screen
+            assert inside_viewport(page, f".card.done >> nth={card} >> .pred >> nth=0")
+        # This test's model is never sure: the answer says so.
+        assert page.locator(".card.done .unsure").count() == 2
+        assert page.locator(".card.done .unsure").first.inner_text() == "Not sure"
         page.screenshot(path=SHOTS / "7-phone-results.png", full_page=True)
     finally:
         context.close()

@@ -6,7 +6,7 @@ import pytest
 from shared import machine
 from shared.machine import cpu_name
 from shared.modeldir import resolve_precision, top_k
-from shared.predictor import Predictor
+from shared.predictor import load_predictor
 from tests.helpers import SHIPPED_MODEL
 from training.photos import load_photos
 
@@ -14,8 +14,13 @@ from training.photos import load_photos
 def test_an_explicit_precision_is_kept_and_a_wrong_one_refused():
     assert resolve_precision("float32") == "float32"
     assert resolve_precision("bfloat16") == "bfloat16"
-    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+    with pytest.raises(ValueError, match="auto, float32, bfloat16 or int8"):
         resolve_precision("fp16")
+
+
+def test_int8_is_refused_on_the_keras_runtime(tiny_model_dir):
+    with pytest.raises(ValueError, match="openvino runtime only"):
+        load_predictor(tiny_model_dir, precision="int8", runtime="keras")
 
 
 ZEN5 = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "fpu avx512f avx512_bf16"}
@@ -63,18 +68,18 @@ def photos():
 
 def test_tta_levels_average_exactly_the_views_they_name(photos):
     x = photos[:24]
-    plain = Predictor(SHIPPED_MODEL, tta_level=0).logits
+    plain = load_predictor(SHIPPED_MODEL, tta_level=0).logits
     flip = lambda a: a[:, :, ::-1]
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     up_left, down_right = padded[:, :32, :32], padded[:, 2:, 2:]  # the image shifted by one pixel
     mirror = (plain(x) + plain(flip(x))) / 2
-    assert np.allclose(Predictor(SHIPPED_MODEL, tta_level=1).logits(x), mirror, atol=1e-3)
+    assert np.allclose(load_predictor(SHIPPED_MODEL, tta_level=1).logits(x), mirror, atol=1e-3)
     shifts = sum(plain(v) for v in (up_left, flip(up_left), down_right, flip(down_right))) / 8
-    assert np.allclose(Predictor(SHIPPED_MODEL, tta_level=2).logits(x), mirror / 2 + shifts, atol=1e-3)
+    assert np.allclose(load_predictor(SHIPPED_MODEL, tta_level=2).logits(x), mirror / 2 + shifts, atol=1e-3)
 
 
 def test_bfloat16_gives_the_same_answers_as_float32(photos):
-    f32 = Predictor(SHIPPED_MODEL, precision="float32").predict_proba(photos)
-    bf16 = Predictor(SHIPPED_MODEL, precision="bfloat16").predict_proba(photos)
+    f32 = load_predictor(SHIPPED_MODEL, precision="float32").predict_proba(photos)
+    bf16 = load_predictor(SHIPPED_MODEL, precision="bfloat16").predict_proba(photos)
     assert np.mean(f32.argmax(1) == bf16.argmax(1)) >= 0.98
     assert np.abs(f32 - bf16).max() < 0.1

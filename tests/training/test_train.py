@@ -124,7 +124,7 @@ import numpy as np, keras
 from pathlib import Path
 from training.model import build_net, init_whitening
 from training.export import save_inference_model
-from shared.predictor import Predictor
+from shared.predictor import load_predictor
 keras.utils.set_random_seed(1)
 recipe = dict(widths=(8, 16, 16), bn_momentum=0.6, scaling_factor=1/9, tta_level=0)
 net = build_net(10, recipe["widths"], 0.6, 1/9)
@@ -133,7 +133,7 @@ init_whitening(net, x)
 net(x, training=True)  # move the BatchNorm statistics away from their initial values
 save_inference_model(net, Path({str(tmp_path)!r}), [str(i) for i in range(10)], recipe)
 a = np.asarray(net(x, training=False))
-b = Predictor({str(tmp_path)!r}).logits(x)
+b = load_predictor({str(tmp_path)!r}).logits(x)
 print(np.abs(a - b).max())
 """
     run = subprocess.run(

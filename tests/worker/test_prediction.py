@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 
 from shared.images import decode_pixels, encode_pixels
 from shared.jobstore import JobStore, NewJob
-from shared.predictor import Predictor
+from shared.predictor import load_predictor
 from shared.queue import celery_init_app
 from shared.storage import ImageStore
 from tests.helpers import public_batch
@@ -41,7 +41,7 @@ def calls():
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir):
-    return Predictor(tiny_model_dir)
+    return load_predictor(tiny_model_dir)
 
 
 @pytest.fixture
@@ -177,9 +177,24 @@ def test_the_cache_is_per_model_configuration(state, calls, tiny_model_dir):
     """A cached answer belongs to the model version, TTA level, precision and runtime that made it."""
     _, items = submit(state, 2)
     predict_jobs(state, items)
-    other = Predictor(tiny_model_dir, tta_level=1)
+    other = load_predictor(tiny_model_dir, tta_level=1)
     assert other.cache_namespace != state.predictor.cache_namespace
     state.predictor, state.cache = other, state.store.result_cache(other.cache_namespace)
     _, again = submit(state, 2)
     predict_jobs(state, again)
     assert calls()[:2] == (2, 4)  # not answered from the other configuration's cache
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.99])
+def test_an_answer_is_uncertain_exactly_when_its_top_probability_is_below_the_model_threshold(
+    state, monkeypatch, threshold
+):
+    import dataclasses
+
+    monkeypatch.setattr(state.predictor, "info", dataclasses.replace(state.predictor.info, uncertain_below=threshold))
+    batch_id, items = submit(state, 4)
+    predict_jobs(state, items)
+    jobs = public_batch(state.store, batch_id)["jobs"]
+    tops = [j["predictions"][0]["probability"] for j in jobs]
+    assert [j["uncertain"] for j in jobs] == [t < threshold for t in tops]
+    assert all(t < 0.99 for t in tops)  # the untrained tiny model: so 0.99 flags every answer

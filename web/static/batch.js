@@ -53,6 +53,11 @@
     body.replaceChildren(el("div", "name", sourceName(job)));
     body.firstChild.title = sourceName(job);
     if (job.status === "done") {
+      if (job.uncertain) {
+        const badge = el("div", "unsure", "Not sure");
+        badge.title = "The model's top probability is low: on real photos, answers like this are right less than half the time.";
+        body.append(badge);
+      }
       job.predictions.forEach((p, rank) => {
         const pct = (100 * p.probability).toFixed(1) + "%";
         const row = el("div", rank === 0 ? "pred best" : "pred");
@@ -114,10 +119,10 @@
   }
 
   function offerDownloads(b) {
-    const rows = [["source", "status", "rank", "label", "probability", "error"]];
+    const rows = [["source", "status", "rank", "label", "probability", "uncertain", "error"]];
     for (const j of b.jobs) {
-      if (j.status === "done") j.predictions.forEach((p, i) => rows.push([sourceName(j), j.status, i + 1, p.label, p.probability, ""]));
-      else rows.push([sourceName(j), j.status, "", "", "", j.error ? j.error.code : ""]);
+      if (j.status === "done") j.predictions.forEach((p, i) => rows.push([sourceName(j), j.status, i + 1, p.label, p.probability, j.uncertain ? "yes" : "no", ""]));
+      else rows.push([sourceName(j), j.status, "", "", "", "", j.error ? j.error.code : ""]);
     }
     const csv = rows.map((r) => r.map(csvCell).join(",")).join("\n");
     document.getElementById("dl-csv").href = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
