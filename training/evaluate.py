@@ -31,7 +31,7 @@ from shared.settings import DEFAULT_MODEL_DIR
 from training.card import write_model_card
 from training.data import load_dataset
 from training.metrics import metrics
-from training.photos import class_balanced_weights, load_photos
+from training.photos import PHOTOS_DIR, class_balanced_weights, load_photos
 
 
 def report(m: dict, title: str) -> None:
@@ -106,9 +106,9 @@ def evaluate_cifar(args, predictor: Predictor) -> None:
     print(f"accuracy={m['accuracy']:.4f}")
 
 
-def photo_figures(predictor: Predictor, split: str) -> dict:
+def photo_figures(predictor: Predictor, split: str, folder: Path = PHOTOS_DIR) -> dict:
     """The photo benchmark's figures for this predictor (class-balanced where it matters)."""
-    photos = load_photos(split)
+    photos = load_photos(split, folder)
     classes = predictor.info.classes
     x, y = photos.in_class(classes)
     probs = predictor.predict_proba(x)

@@ -120,6 +120,8 @@ def export_openvino(out: Path, calibration: np.ndarray | None = None) -> dict[st
 
     from shared.openvino_runtime import INT8_FILES, IR_FILES
 
+    _decline_openvino_telemetry()
+
     net = keras.saving.load_model(out / MODEL_FILE, compile=False)
     fn = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
     model = ov.convert_model(fn)
@@ -132,6 +134,18 @@ def export_openvino(out: Path, calibration: np.ndarray | None = None) -> dict[st
         ov.save_model(quantized, out / INT8_FILES[0], compress_to_fp16=False)
         files += INT8_FILES
     return {f: file_digest(out / f) for f in files}
+
+
+def _decline_openvino_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage data to Google Analytics unless the user has said
+    no (openvino-telemetry treats "never asked" as yes when it cannot ask). Exporting a model
+    must not report on anyone: where no choice is recorded, record "no", as `opt_in_out
+    --opt_out` does. An explicit opt-in is left as it is."""
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    checker = OptInChecker()
+    if checker.consent_file_base_dir() and not Path(checker.consent_file()).exists():
+        checker.update_result(ConsentCheckResult.DECLINED)
 
 
 def write_meta(out: Path, meta: dict) -> None:

@@ -14,17 +14,25 @@ def expected_calibration_error(
     """|accuracy - mean confidence| in each of `bins` equal-width confidence bins, weighted by
     the share of predictions in the bin (a confidence of exactly 1 falls in the last bin).
     `weights` weigh the predictions (e.g. class-balanced); equal by default."""
+    return float(sum(share * abs(acc - conf) for _, conf, acc, share in _bins(confidence, correct, bins, weights)))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, bins: int = 15) -> list:
+    """The reliability diagram's data: per confidence bin with predictions in it, [bin's lower
+    edge, mean confidence, accuracy, share of predictions] (with `weights`, as in the ECE)."""
+    return _bins(probs.max(1), probs.argmax(1) == labels, bins, weights)
+
+
+def _bins(confidence, correct, bins, weights) -> list:
     w = np.full(len(confidence), 1 / len(confidence)) if weights is None else weights / weights.sum()
     which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
-    ece = 0.0
+    rows = []
     for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            share = w[in_bin].sum()
-            ece += share * abs(
-                np.average(correct[in_bin], weights=w[in_bin]) - np.average(confidence[in_bin], weights=w[in_bin])
-            )
-    return float(ece)
+        m = which == b
+        if m.any():
+            conf, acc = np.average(confidence[m], weights=w[m]), np.average(correct[m], weights=w[m])
+            rows.append([b / bins, float(conf), float(acc), float(w[m].sum())])
+    return rows
 
 
 def metrics(

@@ -20,7 +20,8 @@ OTHER = "other"  # photos of none of the classes
 class Photos:
     x: np.ndarray  # (N, 32, 32, 3) uint8: what the service feeds the model
     labels: list[str]  # a class name, or OTHER
-    files: list[str]
+    files: list[str]  # relative to folder
+    folder: Path
 
     def in_class(self, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(images, class indices) of the photos of the model's classes."""
@@ -38,7 +39,7 @@ def load_photos(split: str = "test", folder: Path = PHOTOS_DIR) -> Photos:
     if not rows:
         raise ValueError(f"no photos in split {split!r} of {folder}")
     x = np.stack([prepare((folder / r["file"]).read_bytes()).pixels for r in rows])
-    return Photos(x, [r["label"] for r in rows], [r["file"] for r in rows])
+    return Photos(x, [r["label"] for r in rows], [r["file"] for r in rows], folder)
 
 
 def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
