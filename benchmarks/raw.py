@@ -1,9 +1,10 @@
-"""The ceiling: the worker's own compiled prediction function, in-process, no service around it.
+"""The ceiling: the worker's own predictor (runtime, precision, TTA or cascade as served),
+in-process, no service around it.
 
-    python -m benchmarks.raw [MODEL_DIR] [--seconds S]
+    python -m benchmarks.raw [MODEL_DIR] [--seconds S] [--runtime R] [--precisions P,...] [--tta-level L]
 
-Prints one JSON object: images/second per precision and batch size, and how many times each
-function was traced (1 means any batch size ran the same compiled graph).
+Prints one JSON object: images/second per precision and batch size, the median latency of one
+image, and how many times each function was traced (1: any batch size ran one compiled graph).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from shared.modeldir import resolve_precision  # noqa: E402
 from shared.predictor import Predictor, load_predictor  # noqa: E402
 from shared.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
@@ -33,28 +36,45 @@ def images_per_second(predictor: Predictor, batch: int, seconds: float) -> float
     return n * batch / elapsed
 
 
+def one_image_ms(predictor: Predictor, n: int = 50) -> float:
+    x = np.random.default_rng(1).integers(0, 256, (n, 1, 32, 32, 3), dtype=np.uint8)
+    predictor.predict_proba(x[0])  # warm
+    times = []
+    for image in x:
+        t0 = time.perf_counter()
+        predictor.predict_proba(image)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--precisions", default="float32,bfloat16")
-    p.add_argument("--tta-level", type=int, default=-1, help="-1: as the model ships it")
+    p.add_argument("--runtime", default="auto", help="keras, openvino or auto (as the worker's PREDICT_RUNTIME)")
+    p.add_argument("--precisions", default="auto", help="comma-separated; auto: what the worker would pick here")
+    p.add_argument("--tta-level", type=int, default=-1, help="-1: as the model ships it (its TTA level or cascade)")
     args = p.parse_args(argv)
-    out = {"img_s": {}, "tracing_count": {}, "tta_level": None}
+    out = {"img_s": {}, "one_image_ms": {}, "tracing_count": {}}
     check = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     reference = None
-    for precision in args.precisions.split(","):
+    for precision in dict.fromkeys(resolve_precision(p) for p in args.precisions.split(",")):
         predictor = load_predictor(
-            args.model, precision=precision, tta_level=None if args.tta_level < 0 else args.tta_level
+            args.model,
+            precision=precision,
+            tta_level=None if args.tta_level < 0 else args.tta_level,
+            runtime=args.runtime,
         )
-        out["tta_level"] = predictor.tta_level
+        c = predictor.cascade
+        out |= dict(runtime=predictor.runtime, tta_level=predictor.tta_level, cascade=c and vars(c))
         out["img_s"][precision] = {str(b): round(images_per_second(predictor, b, args.seconds), 1) for b in BATCH_SIZES}
+        out["one_image_ms"][precision] = round(one_image_ms(predictor), 2)
         out["tracing_count"][precision] = predictor.tracing_count
         top1 = predictor.predict_proba(check).argmax(1)
         if reference is None:
             reference = top1
         else:
-            out[f"top1_agreement_{precision}_vs_float32"] = float(np.mean(top1 == reference))
+            out[f"top1_agreement_{precision}_vs_{next(iter(out['img_s']))}"] = float(np.mean(top1 == reference))
     best = max((v, prec, b) for prec, d in out["img_s"].items() for b, v in d.items())
     out["best"] = {"img_s": best[0], "precision": best[1], "batch": int(best[2])}
     print(json.dumps(out))

@@ -1,10 +1,17 @@
-"""Benchmark the service against the raw model and the usual synchronous Flask app, in one run.
+"""Benchmark the service against what it serves, the old default and the usual Flask app, in one run.
 
     python -m benchmarks.run [--model DIR] [--quick]
 
-Starts its own Redis, web server (gunicorn), worker processes and test HTTP servers, measures,
-stops everything, and writes benchmarks/results/latest.json and latest.png. --quick runs the
-same sections with fewer images (the smoke test uses it).
+Rows, all measured in this one run on this machine:
+- the raw ceiling of the served configuration (benchmarks.raw: the model's runtime, precision
+  and TTA or cascade as the worker serves them, in-process);
+- the old default end to end: the model shipped before the performance work, on TensorFlow, 6
+  views per image, today's other settings (a 1,000-image batch);
+- the usual synchronous Flask app;
+- the service end to end: a 1,000-image batch, 8 single-image clients, 1,000 slow URLs.
+Starts its own Redis, web server (gunicorn), worker processes and test HTTP servers, stops
+everything, and writes benchmarks/results/latest.json and latest.png. --quick runs the same
+sections with fewer images (the smoke test uses it).
 """
 
 from __future__ import annotations
@@ -45,6 +52,23 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+# The model as shipped before the performance work (one net, TTA level 2: 6 views per image).
+OLD_MODEL_COMMIT, OLD_MODEL_PATH = "ec401e4", "models/cifar10-airbench"
+
+
+def old_default_model(tmp: Path) -> Path:
+    """The old default's model directory, read out of git."""
+    out = tmp / "old-model" / "cifar10-airbench"
+    out.mkdir(parents=True)
+    for name in ("model.json", "model.keras"):
+        blob = subprocess.run(
+            ["git", "show", f"{OLD_MODEL_COMMIT}:{OLD_MODEL_PATH}/{name}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        (out / name).write_bytes(blob.stdout)
+    return out
 
 
 def test_images(n: int) -> list[bytes]:
@@ -149,6 +173,7 @@ class Service:
 
     def __init__(self, settings: Settings, tmp: Path, worker_concurrency: int = 0):
         self.settings, self.tmp, self.worker_concurrency = settings, tmp, worker_concurrency
+        tmp.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         port = free_port()
         self.procs.append(start_redis(port, tmp / "redis"))
@@ -216,7 +241,7 @@ def single_image_client(url: str, images: list[bytes]):
 
 
 def measure_raw(args, env: dict) -> dict:
-    """The raw model, in its own process."""
+    """The raw served configuration, in its own process."""
     raw = subprocess.run(
         [
             sys.executable,
@@ -227,6 +252,10 @@ def measure_raw(args, env: dict) -> dict:
             "1" if args.quick else "3",
             "--tta-level",
             str(args.tta_level),
+            "--runtime",
+            args.runtime,
+            "--precisions",
+            args.precision,
         ],
         cwd=REPO_ROOT,
         env=env,
@@ -235,8 +264,22 @@ def measure_raw(args, env: dict) -> dict:
         text=True,
     )
     out = json.loads(raw.stdout.strip().splitlines()[-1])
-    print(f"raw model: best {out['best']['img_s']:.0f} img/s {out['best']}", flush=True)
-    return {"raw": out, "raw_best_img_s": out["best"]["img_s"]}
+    best = out["best"]
+    b1_ms = out["one_image_ms"][best["precision"]]
+    print(f"raw served: best {best['img_s']:.0f} img/s {best}, one image {b1_ms} ms", flush=True)
+    return {"raw": out, "raw_best_img_s": best["img_s"], "raw_served_img_s": best["img_s"], "raw_served_b1_ms": b1_ms}
+
+
+def measure_old_default(settings: Settings, tmp: Path, images: list[bytes], old_model: Path) -> dict:
+    """The old default end to end: its model on TensorFlow at TTA level 2 (6 views per image)."""
+    old = settings.replace(model_dir=old_model, predict_tta_level=2, predict_runtime="keras")
+    service = Service(old, tmp / "old-default")
+    try:
+        batch = measure_batch(service, images)
+    finally:
+        service.close()
+    print(f"old default: {batch['batch_img_s']} img/s", flush=True)
+    return {"old_default_batch_img_s": batch["batch_img_s"], "old_default": {"model": str(old_model), **batch["batch"]}}
 
 
 def measure_flask(args, env: dict, images: list[bytes], n: int) -> dict:
@@ -361,6 +404,11 @@ def parse_args(argv):
         "the single forward pass of the usual Flask app)",
     )
     p.add_argument("--precision", default="auto", help="the workers' PREDICT_PRECISION")
+    p.add_argument("--runtime", default="auto", help="the workers' PREDICT_RUNTIME")
+    p.add_argument(
+        "--old-model",
+        help=f"the old default's model (default: {OLD_MODEL_PATH} at commit {OLD_MODEL_COMMIT}; with --quick: --model)",
+    )
     p.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
     p.add_argument(
         "--worker-concurrency",
@@ -387,6 +435,7 @@ def main(argv=None) -> dict:
         log_json=False,
         predict_tta_level=args.tta_level,
         predict_precision=args.precision,
+        predict_runtime=args.runtime,
         worker_pool=args.worker_pool,
         fetch_allow_hosts=frozenset({f"127.0.0.1:{slow.port}"}),
     )
@@ -396,10 +445,14 @@ def main(argv=None) -> dict:
         "model": args.model,
         "tta_level": args.tta_level,
         "precision": resolve_precision(args.precision),
+        "runtime": args.runtime,
+        "served_accuracy": served_accuracy(Path(args.model)),
         "worker_pool": args.worker_pool,
         "worker_concurrency": args.worker_concurrency,
     }
     results |= measure_raw(args, env)
+    old_model = Path(args.old_model) if args.old_model else Path(args.model) if args.quick else old_default_model(tmp)
+    results |= measure_old_default(settings, tmp, images, old_model)
     results |= measure_flask(args, env, images, n_flask)
     service = Service(settings, tmp, args.worker_concurrency)
     try:
@@ -415,8 +468,11 @@ def main(argv=None) -> dict:
     finally:
         service.close()
         slow.shutdown()
-    results["batch_vs_raw"] = round(results["batch_img_s"] / results["raw_best_img_s"], 3)
+    results["batch_vs_raw"] = round(results["batch_img_s"] / results["raw_served_img_s"], 3)
+    results["single_vs_raw"] = round(results["single_img_s"] / results["raw_served_img_s"], 3)
     results["single_vs_flask"] = round(results["single_img_s"] / results["flask_img_s"], 2)
+    results["speedup_vs_old_default"] = round(results["batch_img_s"] / results["old_default_batch_img_s"], 2)
+    results["cpu_ms_per_image"] = results["batch"]["cpu_ms_per_image"]  # web, worker and Redis, 1,000-image batch
     results["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
     results["git_commit"] = git_commit()
     results["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -429,12 +485,29 @@ def main(argv=None) -> dict:
     return results
 
 
+def served_accuracy(model_dir: Path) -> float | None:
+    """The served configuration's CIFAR test accuracy, as training.ensemble measured it into model.json."""
+    meta = json.loads((model_dir / "model.json").read_text())
+    return (meta.get("test") or {}).get("accuracy")
+
+
 def print_table(r: dict) -> None:
+    cpu = r["cpu_ms_per_image"]
     rows = [
-        ("raw model, best", f"{r['raw_best_img_s']:.0f} img/s"),
-        ("service, 1,000-image batch", f"{r['batch_img_s']:.0f} img/s ({r['batch_vs_raw']:.2f}x raw)"),
+        ("raw served configuration, best", f"{r['raw_served_img_s']:.0f} img/s, one image {r['raw_served_b1_ms']} ms"),
+        ("old default, 1,000-image batch", f"{r['old_default_batch_img_s']:.0f} img/s"),
+        (
+            "service, 1,000-image batch",
+            f"{r['batch_img_s']:.0f} img/s ({r['batch_vs_raw']:.2f}x raw, "
+            f"{r['speedup_vs_old_default']:.2f}x old default)",
+        ),
+        ("CPU ms per image web / worker / redis", f"{cpu['web']} / {cpu['worker']} / {cpu['redis']}"),
         ("usual Flask, 8 clients", f"{r['flask_img_s']:.1f} img/s"),
-        ("service, single images, 8 clients", f"{r['single_img_s']:.0f} img/s ({r['single_vs_flask']:.1f}x Flask)"),
+        (
+            "service, single images, 8 clients",
+            f"{r['single_img_s']:.0f} img/s ({r['single_vs_flask']:.1f}x Flask, {r['single_vs_raw']:.2f}x raw)",
+        ),
+        ("one image alone, median", f"{r['one_image_median_ms']} ms"),
         ("latency p50 / p95 / p99", f"{r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms"),
         ("slow URLs: all done / all fetched", f"{r['urls_s']} / {r.get('urls_fetched_s')} s"),
         ("peak RSS web / worker process", f"{r['web_rss_mb']} / {r['worker_rss_mb']} MB"),
@@ -445,10 +518,16 @@ def print_table(r: dict) -> None:
 
 
 def chart(r: dict, path: Path) -> None:
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    names = ["raw model\n(best)", "service\n1,000 batch", "service\nsingle x8", "usual Flask\nsingle x8"]
-    vals = [r["raw_best_img_s"], r["batch_img_s"], r["single_img_s"], r["flask_img_s"]]
-    ax[0].bar(names, vals, color=["#888", "#2f6fed", "#2f9e5b", "#c8382f"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = [
+        "raw served\n(best)",
+        "old default\n1,000 batch",
+        "service\n1,000 batch",
+        "service\nsingle x8",
+        "usual Flask\nsingle x8",
+    ]
+    vals = [r["raw_served_img_s"], r["old_default_batch_img_s"], r["batch_img_s"], r["single_img_s"], r["flask_img_s"]]
+    ax[0].bar(names, vals, color=["#888", "#bbb", "#2f6fed", "#2f9e5b", "#c8382f"])
     ax[0].set(title="throughput (images/second)")
     for i, v in enumerate(vals):
         ax[0].text(i, v, f"{v:.0f}", ha="center", va="bottom")
