@@ -1,8 +1,8 @@
 # The service's images; docker-compose.yml builds each by its target. Each holds what its
 # role runs and nothing else (no tests, training plots or linters: requirements/dev.txt):
 #   runtime  web (gunicorn), fetcher, flower, the client: requirements/runtime.txt, no TensorFlow
-#   worker   prediction workers: requirements/model.txt (TensorFlow's CPU build) and the model
-#   gpu      the worker with TensorFlow's CUDA build of the same version (`--profile gpu`)
+#   worker   prediction workers: requirements/worker.txt (OpenVINO, no TensorFlow) and the model
+#   gpu      the worker on TensorFlow's CUDA build (requirements/model.txt; `--profile gpu`)
 #   nginx    the reverse proxy in front of web: Debian's nginx, docker/nginx.conf
 # Give a target: without one, docker builds the last stage (gpu). The stages are in this order
 # because the legacy builder (docker-compose v1's) builds every stage above the target, needed
@@ -69,12 +69,11 @@ EXPOSE 8080
 CMD ["nginx-start"]
 
 # --- the prediction workers -----------------------------------------------------------------
-FROM deps AS deps-model
-# TensorFlow's C++ headers (290 MB) are for compiling custom ops; a worker never does.
-RUN venv-install -r /requirements/model.txt && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
+FROM deps AS deps-worker
+RUN venv-install -r /requirements/worker.txt
 
 FROM app AS worker
-COPY --from=deps-model /opt/venv /opt/venv
+COPY --from=deps-worker /opt/venv /opt/venv
 COPY shared shared
 COPY worker worker
 COPY models models
