@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -244,3 +245,55 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)
         stop(self.web)
+
+
+TRAIN_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 220, 40)}
+
+
+def make_learnable_dataset(root, per_class=60):
+    """Four classes told apart by colour (COLOURS), with noise: a net learns it in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", per_class // 3)):
+        for name, c in COLOURS.items():
+            folder = root / "colours" / split / name
+            folder.mkdir(parents=True)
+            for j in range(n):
+                a = np.clip(np.array(c) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(folder / f"{j}.png")
+    return make_tar(root / "colours", root / "colours.tar.gz")
+
+
+def train_tiny(root, *options: str):
+    """`python -m training.train` on the colour dataset, 3 short epochs; (archive, out, stdout)."""
+    archive = make_learnable_dataset(root)
+    out = root / "model"
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        *options,
+        "--data",
+        str(archive),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--set",
+        "widths=[16,32,32]",
+        "batch_size=48",
+        "val_size=40",
+        "tta_level=1",
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=dict(TRAIN_ENV, CIFAR_SVC_CACHE=str(root / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return archive, out, run.stdout

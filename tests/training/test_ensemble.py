@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from shared.predictor import load_predictor
-from tests.training.test_train import train_tiny
+from tests.helpers import COLOURS, train_tiny
 from training import ensemble
 from training.photos import load_photos
 
@@ -31,9 +31,6 @@ def make_photo_benchmark(root, colours) -> object:
         w.writeheader()
         w.writerows(rows)
     return root
-
-
-COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40), "yellow": (230, 220, 40)}
 
 
 @pytest.fixture(scope="module")
