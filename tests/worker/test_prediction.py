@@ -198,3 +198,24 @@ def test_an_answer_is_uncertain_exactly_when_its_top_probability_is_below_the_mo
     tops = [j["predictions"][0]["probability"] for j in jobs]
     assert [j["uncertain"] for j in jobs] == [t < threshold for t in tops]
     assert all(t < 0.99 for t in tops)  # the untrained tiny model: so 0.99 flags every answer
+
+
+def test_every_setting_that_changes_an_answer_changes_the_cache_namespace(predictor):
+    """Model version, views (TTA level or cascade), precision and runtime: a cached answer of
+    one configuration must never be served for another."""
+    import dataclasses
+
+    from shared.predictor import Cascade, Predictor
+
+    info = predictor.info
+    base = dict(info=info, net=None, runtime="keras", precision="float32", tta_level=2, cascade=None)
+    variants = [
+        dict(info=dataclasses.replace(info, version=info.version + "x")),
+        dict(tta_level=1),
+        dict(precision="bfloat16"),
+        dict(runtime="openvino"),
+        dict(cascade=Cascade(0, 1, 0.8)),
+        dict(cascade=Cascade(0, 1, 0.7)),
+    ]
+    names = [Predictor(**(base | v)).cache_namespace for v in [{}, *variants]]
+    assert len(set(names)) == len(names), names
