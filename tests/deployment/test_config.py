@@ -88,9 +88,21 @@ def test_images_by_target_and_redis_persists(config):
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
 
 
-def test_the_cpu_images_never_build_tensorflow_for_gpu():
+def test_the_cpu_images_never_build_tensorflow():
     # The legacy builder (docker-compose v1's) builds every stage above the target, needed or
-    # not: the GPU stages must come after every CPU target, and TensorFlow after runtime's.
-    stages = re.findall(r"^FROM \S+ AS (\S+)", (REPO_ROOT / "Dockerfile").read_text(), re.M)
+    # not: the GPU stages (the only ones with TensorFlow) must come after every CPU target, and
+    # OpenVINO (the CPU worker's runtime) after runtime's and nginx's.
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\S+)", dockerfile, re.M)
     assert stages.index("deps-gpu") > max(stages.index(t) for t in ("runtime", "nginx", "worker"))
-    assert stages.index("deps-model") > max(stages.index(t) for t in ("runtime", "nginx"))
+    assert stages.index("deps-worker") > max(stages.index(t) for t in ("runtime", "nginx"))
+    blocks = re.split(r"^FROM \S+ AS ", dockerfile, flags=re.M)[1:]
+    installs = {b.split()[0]: re.findall(r"venv-install -r /requirements/(\w+)\.txt", b) for b in blocks}
+    assert installs["deps-runtime"] == ["runtime"] and installs["deps-worker"] == ["worker"]
+    pins = {
+        line.split("==")[0].lower()
+        for name in ("worker", "runtime")
+        for line in (REPO_ROOT / "requirements" / f"{name}.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert not pins & {"tensorflow", "tensorflow-cpu", "keras"} and "openvino" in pins
