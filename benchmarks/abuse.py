@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ from PIL import Image
 from shared.machine import cpu_name
 from shared.settings import REPO_ROOT, Settings
 from tools.imageserver import ImageServer
+from tools.slowclients import slowloris
 from tools.stack import free_port, start_redis, start_web, start_worker, stop
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -72,28 +72,8 @@ def under_long_polls(url: str, n: int = 200) -> dict:
 
 
 def under_slowloris(url: str, port: int, n: int = 100) -> dict:
-    conns = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        conns.append(s)
-    stop_drip = threading.Event()
-
-    def drip():
-        while not stop_drip.wait(1):
-            for s in conns:
-                try:
-                    s.sendall(b"X")
-                except OSError:
-                    pass
-
-    threading.Thread(target=drip, daemon=True).start()
-    try:
+    with slowloris(port, n):
         return ms(healthz_latencies(url))
-    finally:
-        stop_drip.set()
-        for s in conns:
-            s.close()
 
 
 class PeakRss:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from shared.settings import REPO_ROOT
 from tests.helpers import image_bytes, noise_png, post_images, wait_until
+from tools.slowclients import slowloris
 from tools.stack import free_port
 
 
@@ -83,23 +84,7 @@ def test_200_held_long_polls_leave_health_checks_and_submissions_fast(stack_fact
 # --- 2. slow clients cannot hold the server --------------------------------------------------------
 def test_100_slowloris_connections_neither_stall_the_server_nor_stay_open(stack_factory):
     stack = stack_factory()
-    conns = []
-    for _ in range(100):
-        s = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the head never ends
-        conns.append(s)
-    stop = threading.Event()
-
-    def drip():  # one byte a second on every connection
-        while not stop.wait(1):
-            for s in conns:
-                try:
-                    s.sendall(b"X")
-                except OSError:
-                    pass
-
-    threading.Thread(target=drip, daemon=True).start()
-    try:
+    with slowloris(stack.port, 100) as conns:
         health = latencies(lambda: healthz(stack), 20)
         assert statistics.median(health) < 1 and max(health) < 2, health
         time.sleep(6)  # past the 5 s deadline for a request's head
@@ -111,10 +96,6 @@ def test_100_slowloris_connections_neither_stall_the_server_nor_stay_open(stack_
             except OSError:
                 closed += 1
         assert closed == 100  # the server let go of every one of them
-    finally:
-        stop.set()
-        for s in conns:
-            s.close()
 
 
 # --- 3. decoding has a memory and CPU budget ----------------------------------------------------------
