@@ -83,3 +83,36 @@ def test_bfloat16_gives_the_same_answers_as_float32(photos):
     bf16 = load_predictor(SHIPPED_MODEL, precision="bfloat16").predict_proba(photos)
     assert np.mean(f32.argmax(1) == bf16.argmax(1)) >= 0.98
     assert np.abs(f32 - bf16).max() < 0.1
+
+
+class CountingNet:
+    """A stand-in net: logits from the mean pixel value of each image (so a view changes them
+    a little), counting its calls and the images in each."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images):
+        self.calls.append(len(images))
+        m = images.reshape(len(images), -1).astype(np.float32).mean(1) / 255
+        return np.stack([10 * m, 10 * (1 - m), np.zeros_like(m)], axis=1)
+
+
+def test_a_cascade_computes_more_views_only_for_the_unsure_images_in_one_more_call():
+    from shared.modeldir import ModelInfo
+    from shared.predictor import Cascade, Predictor
+
+    info = ModelInfo("m", "1", ["a", "b", "c"], 1.0, 2)
+    # Mean 128 is a tie between a and b: unsure. Mean 0 or 255 is sure.
+    x = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 128, 255, 127, 3)])
+    net = CountingNet()
+    p = Predictor(info, net, "keras", "float32", 2, Cascade(first=0, then=2, below=0.9))
+    logits = p.logits(x)
+    assert net.calls == [5, 2 * 6]  # every image once, then the 2 unsure ones x 6 views, together
+    assert p.views_computed == 5 + 12
+    alone = lambda level, imgs: Predictor(info, CountingNet(), "keras", "float32", level).logits(imgs)
+    assert np.allclose(logits[[0, 2, 4]], alone(0, x[[0, 2, 4]]))  # sure: the first level's answer
+    assert np.allclose(logits[[1, 3]], alone(2, x[[1, 3]]))  # unsure: all six views
+    net.calls.clear()
+    p.logits(x[[0, 2]])
+    assert net.calls == [2]  # nobody unsure: no second call
