@@ -1,0 +1,37 @@
+"""worker.factory.ReconnectingBatches, in-process: what a broker reconnection does to buffered tasks."""
+
+from types import SimpleNamespace
+from unittest import mock
+
+from celery import Celery
+
+from worker import factory
+
+
+def test_a_reconnection_queues_the_buffered_tasks_again_and_starts_a_new_flush_timer(monkeypatch):
+    """The buffered messages belong to the lost connection: they can no longer be acknowledged,
+    and celery-batches' flush timer belongs to the old consumer. Left alone, a lone task waited
+    for a full batch (the soak caught it) or for the visibility timeout."""
+    app = Celery("t", broker="memory://")
+
+    @app.task(base=factory.ReconnectingBatches, name="predict", flush_every=64, flush_interval=1, shared=False)
+    def predict(requests):
+        pass
+
+    task = app.tasks["predict"]
+    for job_id in ("j1", "j2"):
+        task._buffer.put(SimpleNamespace(id=job_id, kwargs={"job_id": job_id, "pixels": "AAAA", "top_k": 2}))
+    old_timer = task._tref = mock.Mock()
+    queued = []
+    monkeypatch.setattr(factory, "enqueue", lambda app, predictions, fetches: queued.extend(predictions))
+    consumer = SimpleNamespace(
+        pool=mock.Mock(), hostname="w@h", connection_errors=(), event_dispatcher=None, timer=None
+    )
+
+    handler = task.Strategy(task, app, consumer)
+
+    assert callable(handler)
+    old_timer.cancel.assert_called_once()
+    assert task._tref is None  # the next message starts a timer on the new consumer's timer
+    assert task._buffer.empty() and task._pending.empty()
+    assert [(t.job_id, t.pixels, t.top_k) for t in queued] == [("j1", "AAAA", 2), ("j2", "AAAA", 2)]
