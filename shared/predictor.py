@@ -11,12 +11,15 @@ worker does only in its forked pool processes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared.modeldir import ModelInfo, read_model_info, resolve_precision, softmax
+from shared.modeldir import ModelInfo, ModelLoadError, read_model_info, resolve_precision, softmax
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("keras", "openvino")
 
@@ -110,6 +113,7 @@ def load_predictor(
     if runtime == "auto":
         runtime = serving.get("runtime", "keras")
         if runtime == "openvino" and not _openvino_available(Path(model_dir), meta):
+            log.warning("%s: serving with Keras: OpenVINO or the model's IR files are missing", model_dir)
             runtime = "keras"
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be auto, {' or '.join(RUNTIMES)}, not {runtime!r}")
@@ -121,8 +125,13 @@ def load_predictor(
 
         net = OpenVINONet(Path(model_dir), meta, precision, threads)
     else:
-        from shared.keras_runtime import KerasNet  # imports TensorFlow
-
+        try:
+            from shared.keras_runtime import KerasNet  # imports TensorFlow
+        except ImportError as exc:  # a CPU worker image has OpenVINO only
+            raise ModelLoadError(
+                f"{model_dir}: serving it with Keras needs TensorFlow and Keras (requirements/model.txt), "
+                f"which are not installed here ({exc}); serve its OpenVINO IR (model.xml) instead"
+            ) from None
         net = KerasNet(Path(model_dir), precision, threads)
     level = info.tta_level if tta_level is None else tta_level
     return Predictor(info, net, runtime, precision, level, cascade)

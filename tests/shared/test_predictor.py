@@ -116,3 +116,35 @@ def test_a_cascade_computes_more_views_only_for_the_unsure_images_in_one_more_ca
     net.calls.clear()
     p.logits(x[[0, 2]])
     assert net.calls == [2]  # nobody unsure: no second call
+
+
+def test_openvino_gives_the_keras_answers_on_real_photos(photos):
+    """The IR shipped beside model.keras is the same net: float32 within rounding, the same top-1
+    on every photo; int8 (NNCF's quantization) close (its CIFAR figures are in the model card)."""
+    keras_probs = load_predictor(SHIPPED_MODEL, runtime="keras").predict_proba(photos)
+    openvino = load_predictor(SHIPPED_MODEL, runtime="openvino")
+    assert openvino.cascade == load_predictor(SHIPPED_MODEL).cascade  # the same served configuration
+    ov_probs = openvino.predict_proba(photos)
+    assert np.abs(ov_probs - keras_probs).max() < 1e-3
+    assert np.array_equal(ov_probs.argmax(1), keras_probs.argmax(1))
+    int8 = load_predictor(SHIPPED_MODEL, runtime="openvino", precision="int8").predict_proba(photos)
+    assert np.mean(int8.argmax(1) == keras_probs.argmax(1)) >= 0.95
+
+
+def test_auto_serves_with_the_runtime_model_json_names(tmp_path):
+    import json
+    import shutil
+
+    assert (
+        load_predictor(SHIPPED_MODEL, runtime="auto").runtime
+        == json.loads((SHIPPED_MODEL / "model.json").read_text())["serving"]["runtime"]
+    )
+    # Without its IR files, a model that serves with OpenVINO falls back to Keras.
+    copy = tmp_path / "m"
+    shutil.copytree(SHIPPED_MODEL, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["serving"]["runtime"] = "openvino"
+    (copy / "model.json").write_text(json.dumps(meta))
+    assert load_predictor(copy, runtime="auto").runtime == "openvino"
+    (copy / "model.xml").unlink()
+    assert load_predictor(copy, runtime="auto").runtime == "keras"
