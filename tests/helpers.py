@@ -75,10 +75,10 @@ def make_tar(folder: Path, path: Path) -> Path:
 
 
 # --- the API as the web tier answers it ---------------------------------------------------------
-def upload(client, files, path="/api/v1/batches", **form):
+def upload(client, files, path="/api/v1/batches", headers=None, **form):
     """POST images through Flask's test client."""
     data = {"images": [(io.BytesIO(b), name) for name, b in files], **form}
-    return client.post(path, data=data, content_type="multipart/form-data")
+    return client.post(path, data=data, content_type="multipart/form-data", headers=headers)
 
 
 def post_images(stack, files, path="/api/v1/batches", **form):

@@ -51,7 +51,7 @@ class Submission:
         items = [
             ["url", i.url]
             if isinstance(i, Url)
-            else ["upload", i.filename, hashlib.sha256(i.data).hexdigest() if i.data else i.refusal.code]
+            else ["upload", i.filename, i.refusal.code if i.refusal else hashlib.sha256(i.data).hexdigest()]
             for i in self.items
         ]
         return hashlib.sha256(json.dumps([path, self.top_k, self.webhook_url, items]).encode()).hexdigest()

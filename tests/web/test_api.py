@@ -90,6 +90,17 @@ def test_a_bad_file_in_a_batch_fails_alone(client, app):
     assert len(queued_tasks(app)) == 1
 
 
+def test_an_empty_file_with_an_idempotency_key_fails_alone_not_500(client, app):
+    """Schemathesis found this one: an empty file is neither refused on arrival nor has bytes to
+    hash, and fingerprinting the request for its Idempotency-Key raised AttributeError (a 500)."""
+    headers = {"Idempotency-Key": "empty-1"}
+    first = upload(client, [("empty.png", b""), ("good.png", noise_png(1))], headers=headers)
+    again = upload(client, [("empty.png", b""), ("good.png", noise_png(1))], headers=headers)
+    assert first.status_code == again.status_code == 202, first.get_json()
+    assert [j["status"] for j in first.get_json()["jobs"]] == ["failed", "queued"]
+    assert again.get_json() == first.get_json() and len(queued_tasks(app)) == 1
+
+
 @pytest.mark.parametrize(
     "kwargs,status,code",
     [
