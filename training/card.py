@@ -223,8 +223,26 @@ def _photo_figures(meta: dict) -> list[str]:
     lines += [
         "",
         f"**Uncertain**: an answer whose top probability is below **{meta['uncertain_below']:.2f}** is "
-        "marked `uncertain`. The threshold is the largest at which the answers below it, on photo val, are "
-        "right less than half the time (a photo of something else counts as a wrong answer: it always is).",
+        "marked `uncertain`: on photo val, below that confidence an answer is more likely wrong than right "
+        "(where a logistic fit of right/wrong on the confidence crosses one half; an answer about a photo of "
+        "none of the classes counts as wrong, as it always is).",
+        "",
+    ]
+    study = meta.get("calibration_study")
+    if study:
+        lines += [
+            "One softmax temperature serves both kinds of image. Fit on each validation set alone, or on both "
+            "(served), it gives these calibration errors on the test sets:",
+            "",
+            "| temperature fit on | temperature | CIFAR test ECE | photo test ECE |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['fit_on'].replace('_', ' ')}{' (served)' if r['served'] else ''} | {r['temperature']:.3f} | "
+            f"{r['cifar_test_ece']:.4f} | {r['photo_test_ece']:.4f} |"
+            for r in study
+        ]
+    lines += [
         "",
         "![reliability diagrams](reliability.png)",
         "",

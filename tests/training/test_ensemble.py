@@ -78,24 +78,14 @@ def test_the_rule_serves_the_cheapest_within_a_tenth_of_a_point_that_is_no_worse
     assert ensemble.choose_served([tta0, tta2, too_far])[0] == tta2
 
 
-def test_the_threshold_is_the_largest_under_which_answers_are_mostly_wrong():
-    # Confidences 0.30..0.79 in steps of 0.01: those below 0.50 are all wrong, those above right.
-    top = np.round(np.arange(0.30, 0.80, 0.01), 2)
-    right = top >= 0.5
-    # Below t the share right is (t - 0.5) / (t - 0.3) once t > 0.5: under half up to t = 0.69.
-    assert ensemble.uncertainty_threshold(top, right) == 0.69
-    assert ensemble.uncertainty_threshold(top, np.ones_like(right)) == 0.0  # never mostly wrong
-    assert ensemble.uncertainty_threshold(top[:5], right[:5]) == 0.0  # too few answers to judge
-
-
-def test_the_uncertainty_threshold_marks_answers_that_are_mostly_wrong(built):
-    _, out, meta, photos, _ = built
-    t = meta["uncertain_below"]
-    assert t == 0.0 or t in ensemble.THRESHOLDS
-    predictor = load_predictor(out)
-    assert predictor.info.uncertain_below == t
-    figures = meta["photos"]["val"]
-    assert 0 <= figures["uncertain_share"] <= 1 and figures["n_other"] == 6
+def test_the_threshold_is_where_answers_become_more_likely_wrong_than_right():
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.2, 1.0, 20000)
+    calibrated = rng.random(20000) < top  # an answer of confidence c is right with probability c
+    assert abs(ensemble.uncertainty_threshold(top, calibrated) - 0.5) <= 0.02
+    overconfident = rng.random(20000) < (top - 0.2) / 0.8  # right 0 % at 0.2, 100 % at 1
+    assert abs(ensemble.uncertainty_threshold(top, overconfident) - 0.6) <= 0.03
+    assert ensemble.uncertainty_threshold(top, np.ones(20000, bool)) == 0.0  # never mostly wrong
 
 
 def test_the_openvino_ir_gives_the_keras_answers_and_its_files_are_checksummed(built):
