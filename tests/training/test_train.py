@@ -121,7 +121,9 @@ def test_the_shipped_model_knows_most_real_photos():
     last = run.stdout.strip().splitlines()[-1]
     figures = dict(kv.split("=") for kv in last.split())
     assert list(figures) == ["photo_accuracy", "photo_top3", "photo_ece"], last
-    assert float(figures["photo_accuracy"]) >= 0.7 and float(figures["photo_top3"]) >= 0.9
+    # The shipped ensemble: 0.861 / 0.950 / ECE 0.051 on val (the model before it: 0.796 / 0.946 / 0.086).
+    assert float(figures["photo_accuracy"]) >= 0.83 and float(figures["photo_top3"]) >= 0.93
+    assert float(figures["photo_ece"]) <= 0.07
     assert "photos (val split, class-balanced)" in run.stdout and "of other photos" in run.stdout
 
 
