@@ -44,14 +44,16 @@ BATCH_SIZES = (8, 64, 256)
 ROUNDS = 5
 
 START_PROBE = """
-import json, resource, sys, time
+import json, re, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from shared.predictor import load_predictor
 p = load_predictor(sys.argv[1], runtime=sys.argv[2], precision=sys.argv[3])
 p.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
 ready_s = time.perf_counter() - t0
-rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent (it read 4.4 GB, the
+# benchmark's own peak, for every runtime)
+rss_mb = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 print(json.dumps(dict(ready_s=ready_s, peak_rss_mb=rss_mb, tensorflow_loaded="tensorflow" in sys.modules)))
 """
 

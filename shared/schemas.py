@@ -113,8 +113,8 @@ class Job(BaseModel):
     uncertain: bool | None = Field(
         None,
         description="The model is not sure: its top probability is below the "
-        "threshold it ships with (chosen on real photos, where such "
-        "answers are right less than half the time). Null until done.",
+        "threshold it ships with (chosen on real photos: below it an "
+        "answer is more likely wrong than right). Null until done.",
     )
     model: ModelRef | None
     error: ErrorDetail | None

@@ -55,7 +55,7 @@
     if (job.status === "done") {
       if (job.uncertain) {
         const badge = el("div", "unsure", "Not sure");
-        badge.title = "The model's top probability is low: on real photos, answers like this are right less than half the time.";
+        badge.title = "The model's top probability is low: on real photos, an answer this unsure is more likely wrong than right.";
         body.append(badge);
       }
       job.predictions.forEach((p, rank) => {
