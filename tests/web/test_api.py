@@ -289,3 +289,23 @@ def test_when_queueing_fails_the_batch_is_rolled_back_and_nothing_is_kept(settin
     r = app.extensions["jobs"].redis
     assert r.keys("batch:*") == [] and r.keys("job:*") == [] and r.zcard("jobs:pending") == 0
     assert not settings.storage_dir.exists() or not any(settings.storage_dir.rglob("*.*"))
+
+
+def test_a_job_long_poll_sees_a_job_that_finished_just_before_it_waits():
+    """The race the benchmark found: the job read as running, then it finished (version 5),
+    then the poll read version 5 and waited for a change past it that never came."""
+    from web.api import _wait_for_job
+
+    class FinishedMeanwhile:  # the batch is at version 5, which finished the job
+        def batch_version(self, batch_id):
+            return 5
+
+        def get_job(self, job_id):
+            return {"job_id": job_id, "batch_id": "b", "status": "done"}
+
+        def wait_for_change(self, batch_id, since, timeout):
+            time.sleep(timeout)  # nothing changes any more
+
+    t0 = time.monotonic()
+    record = _wait_for_job(FinishedMeanwhile(), {"job_id": "j", "batch_id": "b", "status": "running"}, t0 + 5)
+    assert record["status"] == "done" and time.monotonic() - t0 < 1
