@@ -43,7 +43,7 @@ CONFIGS = [
 BATCH_SIZES = (8, 64, 256)
 ROUNDS = 5
 
-START_PROBE = """
+START_PROBE = r"""
 import json, re, sys, time
 t0 = time.perf_counter()
 import numpy as np

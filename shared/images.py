@@ -110,14 +110,36 @@ def check_image(
     max_pixels bounds the declared size of any image; max_full_pixels that of the formats
     decoded at full size (all but JPEG, which is decoded at a reduced scale, so a 50 MP phone
     photo costs what a 1 MP one does)."""
-    try:
+    with _pillow_errors_refused(max_pixels):
         img, cost = _open_checked(data, max_pixels, max_full_pixels)
         with budget.reserve(cost) if budget else nullcontext():
             img.load()  # truncated or corrupt data fails here, not later
             fmt = img.format
             img = _to_rgb(ImageOps.exif_transpose(_shrink(img)))
-        if cost > 4_000_000:
-            release_freed_memory()
+    if cost > 4_000_000:
+        release_freed_memory()
+    return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
+
+
+# Pillow reports broken files with a zoo of exception types.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    ZeroDivisionError,
+    MemoryError,
+)
+
+
+@contextmanager
+def _pillow_errors_refused(max_pixels: int):
+    """What Pillow raises while opening or decoding untrusted bytes, as ImageRefused."""
+    try:
+        yield
     except ImageRefused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -126,20 +148,8 @@ def check_image(
         raise ImageRefused(
             "unsupported_format", f"The file is not an image in a format we accept ({formats.NAMES})."
         ) from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        IndexError,
-        TypeError,
-        KeyError,
-        ZeroDivisionError,
-        MemoryError,
-    ) as exc:
-        # Pillow reports broken files with a zoo of exception types.
+    except _DECODE_ERRORS as exc:
         raise ImageRefused("corrupt_image", f"The image could not be decoded ({exc}).") from None
-    return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
 
 
 def _open_checked(data: bytes, max_pixels: int, max_full_pixels: int) -> tuple[Image.Image, int]:
@@ -150,21 +160,12 @@ def _open_checked(data: bytes, max_pixels: int, max_full_pixels: int) -> tuple[I
     if brand in _KNOWN_UNSUPPORTED:
         name = _KNOWN_UNSUPPORTED[brand]
         raise ImageRefused("unsupported_format", f"{name} images are not supported; send {formats.NAMES}.")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns about a decompression bomb below 2x its limit: make it an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Only the formats we accept: every other Pillow plugin (EPS runs Ghostscript, for
-            # one) stays away from untrusted bytes.
-            img = Image.open(io.BytesIO(data), formats=formats.PILLOW_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRefused("too_many_pixels", f"The image declares more than {max_pixels:,} pixels.", 413) from None
-    except UnidentifiedImageError:
-        raise ImageRefused(
-            "unsupported_format", f"The file is not an image in a format we accept ({formats.NAMES})."
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
-        raise ImageRefused("corrupt_image", f"The image could not be decoded ({exc}).") from None
+    with _pillow_errors_refused(max_pixels), warnings.catch_warnings():
+        # Pillow only warns about a decompression bomb below 2x its limit: make it an error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Only the formats we accept: every other Pillow plugin (EPS runs Ghostscript, for
+        # one) stays away from untrusted bytes.
+        img = Image.open(io.BytesIO(data), formats=formats.PILLOW_FORMATS)
     width, height = img.size
     if width * height > max_pixels:
         raise ImageRefused(
