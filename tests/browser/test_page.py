@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import OUTPUT_DIR, image_bytes, noise_png, require
+from tests.helpers import OUTPUT_DIR, image_bytes, noise_png, post_images, require
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = OUTPUT_DIR / "screenshots"
@@ -128,6 +128,16 @@ def test_paste_urls(url_stack, page):
     assert page.locator(".card.done").count() == 3
     assert page.locator(".card.done").first.locator(".pred").count() == 2
     assert "http and https" in page.locator(".card.failed").inner_text()
+
+
+def test_the_cancel_button_stops_an_unfinished_batch(stack_factory, page):
+    stack = stack_factory()  # no worker: the batch stays unfinished until cancelled
+    batch = post_images(stack, [(f"{i}.png", noise_png(i)) for i in range(3)]).json()
+    page.goto(f"{stack.url}/batches/{batch['batch_id']}")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelectorAll('.card.cancelled').length === 3", timeout=30_000)
+    assert "3 cancelled" in page.locator("#status-line").inner_text()
+    assert page.locator("#cancel").is_hidden()  # nothing left to cancel
 
 
 def test_a_single_bad_file_shows_the_error_on_the_form(url_stack, page, tmp_path):

@@ -62,16 +62,23 @@ class StopAfterFirstResults:
         pass
 
 
-def test_an_interrupted_run_resumes_without_resubmitting(url_stack, tmp_path):
+def interrupted_run(url_stack, tmp_path, out_name: str):
+    """Six URLs submitted in batches of two, the run stopped by Ctrl-C after its first results:
+    (the URL list, the output, a client of the stack)."""
     stack, images = url_stack
     src = tmp_path / "urls.txt"
     src.write_text("\n".join(images.url(i) for i in range(6)))
-    out = tmp_path / "results.jsonl"
+    out = tmp_path / out_name
     with pytest.raises(KeyboardInterrupt):
         submit(Client(stack.url), src, out, batch_size=2, progress=StopAfterFirstResults())
+    return src, out, Client(stack.url)
+
+
+def test_an_interrupted_run_resumes_without_resubmitting(url_stack, tmp_path):
+    src, out, client = interrupted_run(url_stack, tmp_path, "results.jsonl")
     first = read_jsonl(out)
     assert 0 < len(first) < 6
-    counts = submit(Client(stack.url), src, out, batch_size=2)
+    counts = submit(client, src, out, batch_size=2)
     rows = read_jsonl(out)
     assert sorted(r["input"] for r in rows) == sorted(src.read_text().split())  # each exactly once
     assert counts["already_done"] == len(first)
@@ -184,30 +191,20 @@ def test_every_retry_sends_the_files_whole(scripted, tmp_path, first):
 def test_a_run_killed_in_the_middle_of_a_write_resumes(url_stack, tmp_path):
     """A kill during a write leaves half a line at the end of the output: resume used to fail
     on it with a JSONDecodeError (and would have glued the next line to it)."""
-    stack, images = url_stack
-    src = tmp_path / "urls.txt"
-    src.write_text("\n".join(images.url(i) for i in range(6)))
-    out = tmp_path / "results.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        submit(Client(stack.url), src, out, batch_size=2, progress=StopAfterFirstResults())
+    src, out, client = interrupted_run(url_stack, tmp_path, "results.jsonl")
     pending = json.loads((tmp_path / "results.jsonl.state.json").read_text())["jobs"]
     assert pending  # some inputs were in flight
     with open(out, "a") as f:
         f.write('{"input": "' + next(iter(pending))[:20])  # the write the kill cut short
-    counts = submit(Client(stack.url), src, out, batch_size=2)
+    counts = submit(client, src, out, batch_size=2)
     rows = read_jsonl(out)  # every line parses
     assert sorted(r["input"] for r in rows) == sorted(src.read_text().split())  # each exactly once
     assert counts["resumed"] == len(pending)  # in flight: polled, not sent again
 
 
 def test_a_resumed_csv_has_one_header_and_each_input_once(url_stack, tmp_path):
-    stack, images = url_stack
-    src = tmp_path / "urls.txt"
-    src.write_text("\n".join(images.url(i) for i in range(6)))
-    out = tmp_path / "results.csv"
-    with pytest.raises(KeyboardInterrupt):
-        submit(Client(stack.url), src, out, batch_size=2, progress=StopAfterFirstResults())
-    submit(Client(stack.url), src, out, batch_size=2)
+    src, out, client = interrupted_run(url_stack, tmp_path, "results.csv")
+    submit(client, src, out, batch_size=2)
     rows = list(csv.DictReader(out.open()))
     assert sorted(r["input"] for r in rows) == sorted(src.read_text().split())
     assert out.read_text().count("input,status") == 1 and all(r["status"] == "done" for r in rows)
@@ -226,3 +223,15 @@ def test_inputs_of_a_batch_the_server_lost_are_submitted_again(url_stack, tmp_pa
     rows = read_jsonl(out)
     assert counts["resumed"] == 3 and sorted(r["input"] for r in rows) == sorted(urls)
     assert all(r["status"] == "done" and r["job_id"] not in {j for _, j in lost.values()} for r in rows)
+
+
+def test_cancel_stops_a_batch_and_a_job(stack_factory, tmp_path, capsys):
+    stack = stack_factory()  # no worker: what is queued stays unfinished
+    client = Client(stack.url)
+    batch = client.submit_files([_write(tmp_path / f"{i}.png", noise_png(i)) for i in range(3)])
+    assert main(["--server", stack.url, "cancel", batch["batch_id"]]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["batch_id"] == batch["batch_id"] and printed["counts"]["cancelled"] == 3
+    job = client.submit_files([_write(tmp_path / "j.png", noise_png(9))])["jobs"][0]["job_id"]
+    assert main(["--server", stack.url, "cancel", job]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
