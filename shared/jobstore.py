@@ -58,15 +58,23 @@ def batch_key(batch_id: str, part: str = "") -> str:
 
 # KEYS: the job, the pending set, the due webhooks. ARGV: job id, batch key prefix, final statuses
 # (comma-separated), new status, allowed current statuses (comma-separated), a counter field to
-# increment ("" for none), the time, then field/value pairs. Returns {result, counter, batch}:
-# result 1 changed, 0 refused (wrong current status), -1 unknown job; batch is the batch's id if
-# this change finished a batch whose webhook was waiting for that (it is then due), else "".
+# increment ("" for none), the time, the write id ("" for none), then field/value pairs. Returns
+# {result, counter, batch}: result 1 changed, 0 refused (wrong current status), -1 unknown job;
+# batch is the batch's id if this change finished a batch whose webhook was waiting for that (it
+# is then due), else "". A write id already on the record means this call is the retry of a
+# write that was done but whose answer was lost: it answers 1 again and changes nothing.
 _TRANSITION = """
 local job_id, prefix, final, new = ARGV[1], ARGV[2], ',' .. ARGV[3] .. ',', ARGV[4]
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, 0, ''} end
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'write_id') == ARGV[8] then
+  local counter = 0
+  if ARGV[6] ~= '' then counter = tonumber(redis.call('HGET', KEYS[1], ARGV[6]) or 0) end
+  return {1, counter, ''}
+end
 if not string.find(',' .. ARGV[5] .. ',', ',' .. cur .. ',', 1, true) then return {0, 0, ''} end
-if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'write_id', ARGV[8]) end
 local counter = 0
 if ARGV[6] ~= '' then counter = redis.call('HINCRBY', KEYS[1], ARGV[6], 1) end
 local batch_id = redis.call('HGET', KEYS[1], 'batch_id')
@@ -223,10 +231,17 @@ class JobStore:
         allowed_from: tuple[str, ...],
         fields: list[dict] | dict | None = None,
         count: str = "",
+        write_id: str = "",
     ) -> list[tuple[int, int]]:
         """Move jobs to `status` if their current status is in `allowed_from`, in one round trip,
         incrementing the field `count` if given. Returns (result, counter) per job:
-        result 1 changed, 0 refused, -1 unknown job."""
+        result 1 changed, 0 refused, -1 unknown job.
+
+        A caller that retries when Redis does not answer passes the same `write_id` each time
+        (new_id(), made once): a write that was done but whose answer was lost then answers 1
+        again instead of "refused". Found by the compose Redis-restart test: a result was
+        written just before the restart, the retry was refused, and no worker counted or logged
+        the job as done."""
         if not job_ids:
             return []
         per_job = fields if isinstance(fields, list) else [fields or {}] * len(job_ids)
@@ -234,6 +249,7 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as p:
             for job_id, f in zip(job_ids, per_job, strict=True):
                 args = [job_id, BATCH_PREFIX, ",".join(FINAL_STATUSES), status, ",".join(allowed_from), count, now]
+                args.append(write_id)
                 for k, v in f.items():
                     args += [k, v if isinstance(v, str) else json.dumps(v)]
                 self._transition(keys=[job_key(job_id), PENDING, WEBHOOKS_DUE], args=args, client=p)
@@ -243,11 +259,10 @@ class JobStore:
             self.on_webhooks_due(due)
         return [(result, counter) for result, counter, _ in results]
 
-    def mark_fetching(self, job_id: str) -> tuple[int, int]:
+    def mark_fetching(self, job_id: str, write_id: str = "") -> tuple[int, int]:
         """A fetch attempt starts; the counter is this job's fetch attempts so far."""
-        return self.transition([job_id], "fetching", ("fetching",), {"started_at": now_iso()}, count="fetch_attempts")[
-            0
-        ]
+        fields = {"started_at": now_iso()}
+        return self.transition([job_id], "fetching", ("fetching",), fields, "fetch_attempts", write_id)[0]
 
     def mark_fetched(self, job_id: str, image_sha: str, pixels_b64: str) -> tuple[int, int]:
         """The fetch is done and the prediction task queued (its time is the job's new score)."""
@@ -258,19 +273,23 @@ class JobStore:
             self.redis.zadd(PENDING, {job_id: time.time()}, xx=True)
         return result
 
-    def mark_running(self, job_ids: list[str]) -> list[tuple[int, int]]:
+    def mark_running(self, job_ids: list[str], write_id: str = "") -> list[tuple[int, int]]:
         """Prediction starts; the counter is each job's prediction attempts so far. A URL job can
         be predicted before its fetcher records the fetch, hence "fetching" is allowed."""
-        return self.transition(
-            job_ids, "running", ("queued", "fetching", "running"), {"started_at": now_iso()}, count="attempts"
-        )
+        fields = {"started_at": now_iso()}
+        return self.transition(job_ids, "running", ("queued", "fetching", "running"), fields, "attempts", write_id)
 
     def count_solo_attempt(self, job_id: str) -> int:
         """A suspect job is about to run alone: how many times has it now (see worker.prediction)."""
         return int(self.redis.hincrby(job_key(job_id), "solo_attempts", 1))
 
     def complete(
-        self, job_ids: list[str], predictions: list[list[dict]], model: dict, uncertain: list[bool] | None = None
+        self,
+        job_ids: list[str],
+        predictions: list[list[dict]],
+        model: dict,
+        uncertain: list[bool] | None = None,
+        write_id: str = "",
     ) -> list[tuple[int, int]]:
         finished = now_iso()
         uncertain = uncertain or [False] * len(job_ids)
@@ -284,7 +303,7 @@ class JobStore:
             )
             for p, u in zip(predictions, uncertain, strict=True)
         ]
-        return self.transition(job_ids, "done", ("queued", "fetching", "running"), fields)
+        return self.transition(job_ids, "done", ("queued", "fetching", "running"), fields, write_id=write_id)
 
     def cancel(self, job_ids: list[str]) -> list[tuple[int, int]]:
         """Unfinished jobs become cancelled (final): a worker's later write is refused."""
@@ -293,13 +312,9 @@ class JobStore:
     def batch_job_ids(self, batch_id: str) -> list[str]:
         return self.redis.lrange(batch_key(batch_id, "jobs"), 0, -1)
 
-    def fail(self, job_ids: list[str], code: str, message: str) -> list[tuple[int, int]]:
-        return self.transition(
-            job_ids,
-            "failed",
-            ("queued", "fetching", "running"),
-            dict(error_code=code, error_message=message, finished_at=now_iso()),
-        )
+    def fail(self, job_ids: list[str], code: str, message: str, write_id: str = "") -> list[tuple[int, int]]:
+        fields = dict(error_code=code, error_message=message, finished_at=now_iso())
+        return self.transition(job_ids, "failed", ("queued", "fetching", "running"), fields, write_id=write_id)
 
     # --- finding jobs whose task message was lost (worker/janitor.py) ------------------------
     def pending_before(self, cutoff: float, limit: int = 500) -> list[tuple[str, float]]:

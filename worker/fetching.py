@@ -9,6 +9,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared.fetch import UrlRefused, fetch
 from shared.images import ImageRefused, prepare
+from shared.jobstore import new_id
 from shared.logs import job_context
 from shared.metrics import FETCH_FAILURES, FETCH_LATENCY
 from shared.queue import FetchTask, PredictTask, enqueue
@@ -25,7 +26,7 @@ def fetch_job(state: WorkerState, task: FetchTask) -> None:
 
 def _fetch_job(state: WorkerState, task: FetchTask) -> None:
     store, s = state.store, state.settings
-    result, attempts = until_redis_answers(store.mark_fetching, task.job_id)
+    result, attempts = until_redis_answers(store.mark_fetching, task.job_id, write_id=new_id())
     if result != 1:
         return  # finished already, or expired
     if attempts > s.task_max_attempts:

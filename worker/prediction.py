@@ -12,6 +12,7 @@ import numpy as np
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared.images import decode_pixels
+from shared.jobstore import new_id
 from shared.metrics import BATCH_SIZE, MODEL_LATENCY
 from shared.modeldir import top_k
 from shared.queue import PredictTask, enqueue
@@ -40,7 +41,8 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     runs, fails as `poison` instead of looping.
     """
     state.outcomes = {}
-    marks = until_redis_answers(state.store.mark_running, [m.get("job_id", "") for m in messages])
+    job_ids = [m.get("job_id", "") for m in messages]
+    marks = until_redis_answers(state.store.mark_running, job_ids, write_id=new_id())
     fresh, suspects = [], []
     for message, (result, attempts) in zip(messages, marks, strict=True):
         if result != 1:
@@ -123,7 +125,8 @@ def _record(state: WorkerState, items: list[PredictItem], probs: list[np.ndarray
     predictions = [top_k(p[None], info.classes, it.top_k)[0] for it, p in done]
     uncertain = [float(p.max()) < info.uncertain_below for _, p in done]
     model = {"name": info.name, "version": info.version}
-    count_outcomes(state, until_redis_answers(state.store.complete, ids, predictions, model, uncertain), ids, "done")
+    written = until_redis_answers(state.store.complete, ids, predictions, model, uncertain, write_id=new_id())
+    count_outcomes(state, written, ids, "done")
     failed = [it.job_id for it, p in zip(items, probs, strict=True) if p is None]
     if failed:
         fail(state, failed, "prediction_failed", "The model could not process this image.")

@@ -11,7 +11,7 @@ from celery import Celery
 from redis import RedisError
 
 from shared.images import DecodeBudget
-from shared.jobstore import JobStore, ResultCache
+from shared.jobstore import JobStore, ResultCache, new_id
 from shared.metrics import JOBS_FINISHED
 from shared.settings import Settings
 from shared.storage import ImageStore
@@ -31,12 +31,14 @@ class WorkerState:
     decode_budget: DecodeBudget | None = None  # fetch threads share one (worker/factory.py)
 
 
-def until_redis_answers(fn, *args, deadline_s: float = 600.0):
-    """Results must not be lost while Redis restarts: retry the write until it answers."""
+def until_redis_answers(fn, *args, deadline_s: float = 600.0, **kwargs):
+    """Results must not be lost while Redis restarts: retry the write until it answers. A status
+    change passes a write_id (new_id()), made once here, so that a retry of a write whose answer
+    was lost counts as that write (see JobStore.transition)."""
     delay, deadline = 0.2, time.monotonic() + deadline_s
     while True:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except RedisError as exc:
             if time.monotonic() > deadline:
                 raise
@@ -57,4 +59,5 @@ def count_outcomes(
 
 
 def fail(state: WorkerState, job_ids: list[str], code: str, message: str) -> None:
-    count_outcomes(state, until_redis_answers(state.store.fail, job_ids, code, message), job_ids, "failed", code)
+    written = until_redis_answers(state.store.fail, job_ids, code, message, write_id=new_id())
+    count_outcomes(state, written, job_ids, "failed", code)

@@ -63,6 +63,21 @@ def test_a_finished_job_never_changes_again(store):
     assert job["status"] == "done" and job["predictions"][0]["label"] == "cat"
 
 
+def test_a_retried_write_with_the_same_write_id_answers_as_the_first_did(store):
+    batch_id, [rec] = store.create_batch([NewJob("upload", "a.png")], 3)
+    job_id = rec["job_id"]
+    assert store.mark_running([job_id], write_id="w1") == [(1, 1)]
+    assert store.mark_running([job_id], write_id="w1") == [(1, 1)]  # the same attempt, not a second
+    preds = [{"label": "cat", "probability": 0.9}]
+    assert store.complete([job_id], [preds], MODEL, write_id="w2") == [(1, 0)]
+    assert store.complete([job_id], [preds], MODEL, write_id="w2") == [(1, 0)]
+    assert store.complete([job_id], [preds], MODEL, write_id="w3") == [(0, 0)]  # another writer
+    assert store.complete([job_id], [preds], MODEL) == [(0, 0)]
+    batch = public_batch(store, batch_id)
+    assert batch["counts"]["done"] == 1 and sum(batch["counts"].values()) == 1
+    assert batch["jobs"][0]["attempts"] == 1
+
+
 def test_concurrent_duplicate_completions_count_once(store):
     batch_id, records = store.create_batch([NewJob("upload", f"{i}.png") for i in range(50)], 3)
     ids = [r["job_id"] for r in records]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
 from shared.images import decode_pixels, encode_pixels
@@ -98,6 +99,35 @@ def test_a_duplicate_delivery_writes_nothing_new(state, calls):
     after = public_batch(state.store, batch_id)
     assert after["counts"] == before["counts"] and after["jobs"] == before["jobs"]
     assert calls()[:2] == (1, 2)  # the second delivery never reached the model
+
+
+def test_a_write_whose_answer_was_lost_in_a_redis_restart_still_counts_once(state, calls, monkeypatch):
+    """The compose Redis-restart test found a job done in Redis that no worker logged: its
+    result was written, the answer was lost as Redis went down, and the retry was refused as a
+    duplicate. The same happened to "running", whose retry counted a second attempt and sent
+    the whole batch down the one-at-a-time suspect path."""
+
+    def answer_lost_once(write):
+        lost = []
+
+        def call(*args, **kwargs):
+            result = write(*args, **kwargs)
+            if not lost:
+                lost.append(True)
+                raise redis.ConnectionError("Connection closed by server.")
+            return result
+
+        return call
+
+    monkeypatch.setattr("worker.state.time.sleep", lambda s: None)
+    for name in ("mark_running", "complete"):
+        monkeypatch.setattr(state.store, name, answer_lost_once(getattr(state.store, name)))
+    batch_id, items = submit(state, 3)
+    outcomes = predict_jobs(state, items)
+    assert outcomes == {i["job_id"]: ("done", "") for i in items}  # each counted as written, once
+    assert calls()[:2] == (1, 3)  # one model call: nobody was taken for a suspect
+    batch = public_batch(state.store, batch_id)
+    assert batch["counts"]["done"] == 3 and all(j["attempts"] == 1 for j in batch["jobs"])
 
 
 def test_redelivered_jobs_run_alone_after_the_fresh_batch(state, calls):
