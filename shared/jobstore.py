@@ -44,8 +44,10 @@ HEARTBEATS = "workers:heartbeat"
 CONSUMERS = "consumers:heartbeat"
 SECRET_KEY = "web:secret-key"
 BATCH_PREFIX = "batch:"
-# kombu's Redis transport keeps the messages a worker holds, unacknowledged, in this hash.
+# kombu's Redis transport keeps the messages a worker holds, unacknowledged, in this hash, and
+# when it handed each one over (delivery tag -> time) in this sorted set.
 KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 def job_key(job_id: str) -> str:
@@ -360,6 +362,23 @@ class JobStore:
                 pass
         return ids
 
+    def unacknowledged_before(self, before: float, limit: int = 2000) -> list[tuple[str, float]]:
+        """(task id, when kombu handed its message to a worker) of the unacknowledged messages
+        handed over before `before`, oldest first."""
+        tags = self.redis.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", before, start=0, num=limit, withscores=True)
+        if not tags:
+            return []
+        found = []
+        for (_, delivered), raw in zip(tags, self.redis.hmget(KOMBU_UNACKED, [t for t, _ in tags]), strict=True):
+            try:
+                found.append((json.loads(raw)[0]["headers"]["id"], delivered))
+            except (ValueError, KeyError, TypeError, IndexError):
+                pass  # acknowledged meanwhile (raw is None), or not one of ours
+        return found
+
+    def pending_scores(self, job_ids: list[str]) -> list[float | None]:
+        return self.redis.zmscore(PENDING, job_ids) if job_ids else []
+
     def queue_length(self, queue: str) -> int:
         return self.redis.llen(queue)
 
@@ -391,6 +410,14 @@ class JobStore:
 
     def held_by(self, node: str) -> list[str]:
         return self.redis.zrange(f"held:{node}", 0, -1)
+
+    def held_by_live_consumers(self, since: float) -> set[str]:
+        """Task ids recorded by the worker processes that have beaten since `since`."""
+        nodes = self.redis.zrangebyscore(CONSUMERS, since, "+inf")
+        with self.redis.pipeline(transaction=False) as p:
+            for node in nodes:
+                p.zrange(f"held:{node}", 0, -1)
+            return {task_id for ids in p.execute() for task_id in ids}
 
     def forget_consumer(self, node: str) -> None:
         with self.redis.pipeline() as p:

@@ -38,7 +38,13 @@ from shared.queue import (
 from shared.settings import Settings
 from shared.storage import ImageStore
 from worker.fetching import fetch_job
-from worker.janitor import rescue_dead_workers, rescue_lost_tasks, rescue_lost_webhooks, sweep_expired_images
+from worker.janitor import (
+    rescue_dead_workers,
+    rescue_lost_tasks,
+    rescue_lost_webhooks,
+    rescue_unrecorded_tasks,
+    sweep_expired_images,
+)
 from worker.prediction import predict_jobs
 from worker.state import WorkerState, until_redis_answers
 from worker.webhooks import deliver_webhook
@@ -193,6 +199,8 @@ class ReconnectingBatches(Batches):
         if stranded:
             tasks = [PredictTask(r.id, r.kwargs["pixels"], r.kwargs.get("top_k", 3)) for r in stranded]
             until_redis_answers(enqueue, app, tasks, [], deadline_s=60)
+            # Their old messages stay unacknowledged: say they were queued again (rescue_unrecorded_tasks).
+            until_redis_answers(app.state.store.touch_pending, [t.job_id for t in tasks], time.time(), deadline_s=60)
             log.warning("reconnected: re-queued %d buffered tasks", len(tasks))
         return super().Strategy(task, app, consumer)
 
@@ -241,6 +249,7 @@ def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
                 next_beat = time.monotonic() + s.worker_heartbeat_seconds
                 if state.store.take_lock("janitor", node, s.worker_heartbeat_seconds):
                     rescue_dead_workers(state, now)
+                    rescue_unrecorded_tasks(state, now)
                     rescue_lost_tasks(state, now)
                     rescue_lost_webhooks(state, now)
                 if s.worker_role == "fetch" and state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):

@@ -13,6 +13,7 @@ def test_a_reconnection_queues_the_buffered_tasks_again_and_starts_a_new_flush_t
     and celery-batches' flush timer belongs to the old consumer. Left alone, a lone task waited
     for a full batch (the soak caught it) or for the visibility timeout."""
     app = Celery("t", broker="memory://")
+    app.state = SimpleNamespace(store=mock.Mock())
 
     @app.task(base=factory.ReconnectingBatches, name="predict", flush_every=64, flush_interval=1, shared=False)
     def predict(requests):
@@ -35,3 +36,5 @@ def test_a_reconnection_queues_the_buffered_tasks_again_and_starts_a_new_flush_t
     assert task._tref is None  # the next message starts a timer on the new consumer's timer
     assert task._buffer.empty() and task._pending.empty()
     assert [(t.job_id, t.pixels, t.top_k) for t in queued] == [("j1", "AAAA", 2), ("j2", "AAAA", 2)]
+    # Marked as queued again, so that rescue_unrecorded_tasks leaves their old messages alone.
+    assert app.state.store.touch_pending.call_args.args[0] == ["j1", "j2"]

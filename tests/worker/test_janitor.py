@@ -11,7 +11,7 @@ from shared.images import encode_pixels
 from shared.jobstore import JobStore, NewJob
 from shared.queue import PredictTask, celery_init_app, enqueue
 from shared.storage import ImageStore
-from worker.janitor import rescue_dead_workers, rescue_lost_tasks, sweep_expired_images
+from worker.janitor import rescue_dead_workers, rescue_lost_tasks, rescue_unrecorded_tasks, sweep_expired_images
 from worker.state import WorkerState
 
 
@@ -74,6 +74,27 @@ def test_messages_a_worker_holds_are_left_to_celery(state):
     message = {"headers": {"id": held, "task": "predict"}, "body": ""}
     state.store.redis.hset("unacked", "some-delivery-tag", json.dumps([message, "", "predict"]))
     assert rescue_lost_tasks(state, now=time.time() + 21) == 0
+
+
+def hand_over(state, job_id, at):
+    """What kombu writes when it hands a worker a message: the message, and when."""
+    message = {"headers": {"id": job_id, "task": "predict"}, "body": ""}
+    state.store.redis.hset("unacked", f"tag-{job_id}", json.dumps([message, "", "predict"]))
+    state.store.redis.zadd("unacked_index", {f"tag-{job_id}": at})
+
+
+def test_a_message_taken_but_never_recorded_is_queued_again_after_the_grace(state):
+    unrecorded, recorded, recorded_by_dead, done = make_jobs(state, 4)
+    state.store.complete([done], [[{"label": "cat", "probability": 1.0}]], {"name": "m", "version": "1"})
+    now = time.time() + 1
+    for job_id in (unrecorded, recorded, recorded_by_dead, done):
+        hand_over(state, job_id, now)
+    state.store.record_consumer("alive", now + 8, [recorded], 120)
+    state.store.record_consumer("dead", now - 30, [recorded_by_dead], 120)
+    assert rescue_unrecorded_tasks(state, now + 2) == 0  # within the grace: maybe being recorded
+    assert rescue_unrecorded_tasks(state, now + 8) == 2  # nobody alive recorded these two
+    assert sorted(queued_ids(state, "predict")) == sorted([unrecorded, recorded_by_dead])
+    assert rescue_unrecorded_tasks(state, now + 9) == 0  # queued again since that delivery: handled
 
 
 def test_stored_images_older_than_the_retention_period_are_swept(settings_factory):
