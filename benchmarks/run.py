@@ -271,8 +271,9 @@ def measure_raw(args, env: dict) -> dict:
 
 
 def measure_old_default(settings: Settings, tmp: Path, images: list[bytes], old_model: Path) -> dict:
-    """The old default end to end: its model on TensorFlow at TTA level 2 (6 views per image)."""
-    old = settings.replace(model_dir=old_model, predict_tta_level=2, predict_runtime="keras")
+    """The old default end to end: its model on TensorFlow at TTA level 2 (6 views per image),
+    one job per message."""
+    old = settings.replace(model_dir=old_model, predict_tta_level=2, predict_runtime="keras", predict_chunk=1)
     service = Service(old, tmp / "old-default")
     try:
         batch = measure_batch(service, images)
@@ -280,6 +281,18 @@ def measure_old_default(settings: Settings, tmp: Path, images: list[bytes], old_
         service.close()
     print(f"old default: {batch['batch_img_s']} img/s", flush=True)
     return {"old_default_batch_img_s": batch["batch_img_s"], "old_default": {"model": str(old_model), **batch["batch"]}}
+
+
+def measure_unchunked(settings: Settings, tmp: Path, images: list[bytes], concurrency: int) -> dict:
+    """The service as served, but one job per prediction message (as before PREDICT_CHUNK): what
+    carrying several jobs per message buys, side by side."""
+    service = Service(settings.replace(predict_chunk=1), tmp / "unchunked", concurrency)
+    try:
+        batch = measure_batch(service, images)
+    finally:
+        service.close()
+    print(f"one job per message: {batch['batch_img_s']} img/s", flush=True)
+    return {"unchunked_batch_img_s": batch["batch_img_s"]}
 
 
 def measure_flask(args, env: dict, images: list[bytes], n: int) -> dict:
@@ -449,10 +462,12 @@ def main(argv=None) -> dict:
         "served_accuracy": served_accuracy(Path(args.model)),
         "worker_pool": args.worker_pool,
         "worker_concurrency": args.worker_concurrency,
+        "predict_chunk": settings.predict_chunk,
     }
     results |= measure_raw(args, env)
     old_model = Path(args.old_model) if args.old_model else Path(args.model) if args.quick else old_default_model(tmp)
     results |= measure_old_default(settings, tmp, images, old_model)
+    results |= measure_unchunked(settings, tmp, images, args.worker_concurrency)
     results |= measure_flask(args, env, images, n_flask)
     service = Service(settings, tmp, args.worker_concurrency)
     try:
@@ -501,6 +516,7 @@ def print_table(r: dict) -> None:
             f"{r['batch_img_s']:.0f} img/s ({r['batch_vs_raw']:.2f}x raw, "
             f"{r['speedup_vs_old_default']:.2f}x old default)",
         ),
+        ("service, one job per message", f"{r['unchunked_batch_img_s']:.0f} img/s"),
         ("CPU ms per image web / worker / redis", f"{cpu['web']} / {cpu['worker']} / {cpu['redis']}"),
         ("usual Flask, 8 clients", f"{r['flask_img_s']:.1f} img/s"),
         (

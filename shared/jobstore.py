@@ -36,6 +36,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.queue import job_ids_of
 from shared.schemas import FINAL_STATUSES, STATUSES, UNFINISHED_STATUSES
 
 PENDING = "jobs:pending"
@@ -352,18 +353,18 @@ class JobStore:
             return None
 
     def unacknowledged_task_ids(self) -> set[str]:
-        """Task ids of the messages workers hold (kombu keeps [message, exchange, routing_key]):
+        """Job ids of the messages workers hold (kombu keeps [message, exchange, routing_key]):
         those come back by themselves if their worker dies."""
         ids = set()
         for _, raw in self.redis.hscan_iter(KOMBU_UNACKED, count=500):
             try:
-                ids.add(json.loads(raw)[0]["headers"]["id"])
+                ids.update(job_ids_of(json.loads(raw)[0]["headers"]))
             except (ValueError, KeyError, TypeError, IndexError):
                 pass
         return ids
 
     def unacknowledged_before(self, before: float, limit: int = 2000) -> list[tuple[str, float]]:
-        """(task id, when kombu handed its message to a worker) of the unacknowledged messages
+        """(job id, when kombu handed its message to a worker) of the unacknowledged messages
         handed over before `before`, oldest first."""
         tags = self.redis.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", before, start=0, num=limit, withscores=True)
         if not tags:
@@ -371,7 +372,7 @@ class JobStore:
         found = []
         for (_, delivered), raw in zip(tags, self.redis.hmget(KOMBU_UNACKED, [t for t, _ in tags]), strict=True):
             try:
-                found.append((json.loads(raw)[0]["headers"]["id"], delivered))
+                found += [(job_id, delivered) for job_id in job_ids_of(json.loads(raw)[0]["headers"])]
             except (ValueError, KeyError, TypeError, IndexError):
                 pass  # acknowledged meanwhile (raw is None), or not one of ours
         return found

@@ -51,6 +51,7 @@ class Settings:
     long_poll_max_waiters: int = 500  # long-polls one web process holds at once; more are answered at once
     predict_batch_size: int = 64  # most images per model call
     predict_batch_wait_ms: float = 5.0  # how long a worker gathers concurrent jobs
+    predict_chunk: int = 16  # most jobs per prediction message (Celery's cost is per message)
     predict_precision: str = "auto"  # float32 | bfloat16 | auto (bfloat16 where the CPU has it)
     predict_processes: int = 0  # model processes per worker (0: one per CPU, at most 4)
     predict_threads: int = 0  # compute threads per model process (0: the CPUs shared out)

@@ -3,7 +3,9 @@ helpers, metric parsing and wait loops. Fixtures that use these live in conftest
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import redis
 import requests
 from PIL import Image
 
+from shared.queue import predict_jobs_of
 from shared.schemas import FINAL_STATUSES, Batch, Job, Links
 from shared.settings import DEFAULT_MODEL_DIR, REPO_ROOT, Settings
 from tools.stack import free_port, start_redis, start_web, start_worker, stop
@@ -86,6 +89,16 @@ def post_images(stack, files, path="/api/v1/batches", **form):
     return requests.post(
         stack.url + path, files=[("images", (name, data)) for name, data in files], data=form, timeout=60
     )
+
+
+def queued_jobs(client: redis.Redis, queue: str = "predict") -> list[dict]:
+    """The jobs the messages waiting in a Celery queue hold, oldest first: a prediction message
+    holds several ({"job_id", "pixels", "top_k"} each), a fetch message one ({"job_id", "url", ...})."""
+    jobs = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu LPUSHes: the right end is the oldest
+        _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        jobs += predict_jobs_of(kwargs) if queue == "predict" else [kwargs]
+    return jobs
 
 
 def public_batch(store, batch_id: str, since: int | None = None) -> dict | None:

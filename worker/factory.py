@@ -10,6 +10,7 @@ worker's jobs again (worker/janitor.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,10 +31,11 @@ from shared.queue import (
     PREDICT_TASK,
     WEBHOOK_TASK,
     FetchTask,
-    PredictTask,
     celery_init_app,
     enqueue,
     enqueue_webhooks,
+    predict_jobs_of,
+    tasks_of,
 )
 from shared.settings import Settings
 from shared.storage import ImageStore
@@ -59,14 +61,14 @@ def node_name() -> str:
 
 
 class ReceivedTasks:
-    """Task ids this process received and has not recorded yet (thread-safe)."""
+    """Job (task) ids this process received and has not recorded yet (thread-safe)."""
 
     def __init__(self):
         self._ids, self._lock, self.arrived = [], threading.Lock(), threading.Event()
 
-    def add(self, task_id: str) -> None:
+    def add(self, *task_ids: str) -> None:
         with self._lock:
-            self._ids.append(task_id)
+            self._ids.extend(task_ids)
         self.arrived.set()
 
     def take(self) -> list[str]:
@@ -94,9 +96,11 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
     "fetch" (many threads) never does."""
     app = celery_init_app(settings)
     role = settings.worker_role
+    # celery-batches counts messages, and a message holds up to predict_chunk jobs.
+    flush_every = math.ceil(settings.predict_batch_size / app.conf.predict_chunk)
     if role == "predict":
         # celery-batches gathers the messages it has received: the prefetch window must hold a batch.
-        app.conf.worker_prefetch_multiplier = 2 * settings.predict_batch_size
+        app.conf.worker_prefetch_multiplier = 2 * flush_every
         # A pool child loads the model before it reports for work; Celery kills one that takes
         # longer than 4 s by default, and a slow or busy machine loads TensorFlow slower than that.
         app.conf.worker_proc_alive_timeout = 120
@@ -115,7 +119,7 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
     @app.task(
         name=PREDICT_TASK,
         base=ReconnectingBatches,
-        flush_every=settings.predict_batch_size,
+        flush_every=flush_every,
         flush_interval=settings.predict_batch_wait_ms / 1000.0,
         acks_late=True,
         shared=False,
@@ -123,7 +127,7 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
     def predict(requests):
         # Every message that arrived within the wait (up to the batch size): one model call.
         t0 = time.perf_counter()
-        outcomes = predict_jobs(state, [dict(r.kwargs) for r in requests])
+        outcomes = predict_jobs(state, [dict(job) for r in requests for job in predict_jobs_of(r.kwargs)])
         send_task_events(app, requests, outcomes, time.perf_counter() - t0)
 
     state.store.on_webhooks_due = lambda batch_ids: until_redis_answers(enqueue_webhooks, app, batch_ids)
@@ -153,7 +157,10 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
 
     @signals.task_received.connect(weak=False)
     def remember_received(request=None, **_):  # in the process that takes messages off the queue
-        received.add(request.id)
+        if request.name == PREDICT_TASK:
+            received.add(*(job.get("job_id", "") for job in predict_jobs_of(request.kwargs)))
+        else:
+            received.add(request.id)
 
     @signals.worker_ready.connect(weak=False)
     def start_beating(**_):
@@ -171,11 +178,13 @@ def send_task_events(app, requests, outcomes: dict[str, tuple[str, str]], runtim
     try:
         with app.pool.acquire(block=True) as conn, app.events.Dispatcher(conn, hostname=requests[0].hostname) as events:
             for r in requests:
-                status, code = outcomes.get(r.id, ("", ""))
-                if status == "done":
+                # A message of several jobs: succeeded if this call finished them all as done.
+                written = [outcomes.get(job.get("job_id"), ("", "")) for job in predict_jobs_of(r.kwargs)]
+                codes = sorted({code for status, code in written if status == "failed"})
+                if codes:
+                    events.send("task-failed", uuid=r.id, exception=",".join(codes), traceback="")
+                elif written and all(status == "done" for status, _ in written):
                     events.send("task-succeeded", uuid=r.id, result="done", runtime=runtime)
-                elif status == "failed":
-                    events.send("task-failed", uuid=r.id, exception=code, traceback="")
     except Exception as exc:  # noqa: BLE001 - events are for dashboards: never fail a batch for them
         log.debug("task events not sent: %s", exc)
 
@@ -197,7 +206,7 @@ class ReconnectingBatches(Batches):
         stranded = list(self._buffer.queue) + list(self._pending.queue)
         self._buffer, self._pending = Queue(), Queue()
         if stranded:
-            tasks = [PredictTask(r.id, r.kwargs["pixels"], r.kwargs.get("top_k", 3)) for r in stranded]
+            tasks = tasks_of(stranded)
             until_redis_answers(enqueue, app, tasks, [], deadline_s=60)
             # Their old messages stay unacknowledged: say they were queued again (rescue_unrecorded_tasks).
             until_redis_answers(app.state.store.touch_pending, [t.job_id for t in tasks], time.time(), deadline_s=60)

@@ -91,7 +91,10 @@ def predict_and_record(state: WorkerState, items: list[PredictItem]) -> bool:
     todo = {k: it.pixels for k, it in zip(keys, items, strict=True) if k not in probs_by_key}  # one per image
     if todo:
         try:
-            fresh = _predict(state, list(todo), np.stack(list(todo.values())))
+            fresh, keys_todo, n = {}, list(todo), state.settings.predict_batch_size
+            for i in range(0, len(keys_todo), n):  # messages hold several jobs: never more than n per call
+                part = keys_todo[i : i + n]
+                fresh |= _predict(state, part, np.stack([todo[k] for k in part]))
         except SoftTimeLimitExceeded:
             log.warning("model call over the soft time limit", extra={"job_ids": [it.job_id for it in items]})
             return False

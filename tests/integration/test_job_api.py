@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from shared.jobstore import JobStore
-from tests.helpers import noise_png, post_images, wait_until
+from tests.helpers import noise_png, post_images, queued_jobs, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -38,7 +38,7 @@ def test_a_replay_returns_the_same_batch_and_queues_nothing_again(stack_factory)
     assert first.status_code == again.status_code == 202
     assert first.headers["Idempotent-Replayed"] == "false" and again.headers["Idempotent-Replayed"] == "true"
     assert again.json() == first.json() and again.headers["Location"] == first.headers["Location"]
-    assert batches_in_redis(stack) == 1 and stack.redis.client().llen("predict") == 1
+    assert batches_in_redis(stack) == 1 and len(queued_jobs(stack.redis.client())) == 1
 
 
 def test_the_same_key_with_another_body_is_a_422(stack_factory):
@@ -73,7 +73,7 @@ def test_concurrent_requests_with_one_key_create_one_batch(stack_factory):
     assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
     assert len({a.json()["batch_id"] for a in answers}) == 1
     assert sum(a.headers["Idempotent-Replayed"] == "false" for a in answers) == 1
-    assert batches_in_redis(stack) == 1 and stack.redis.client().llen("predict") == 20
+    assert batches_in_redis(stack) == 1 and len(queued_jobs(stack.redis.client())) == 20
 
 
 def test_another_client_may_use_the_same_key(stack_factory):

@@ -6,8 +6,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import requests
 
+from shared.images import encode_pixels
 from shared.jobstore import JobStore, NewJob
 from shared.queue import PredictTask, celery_init_app, enqueue
 from tests.helpers import metric, noise_png, post_images, scrape_until, wait_until
@@ -121,9 +123,14 @@ def test_task_events_say_whether_each_batched_prediction_succeeded_or_failed(sta
     threading.Thread(target=listen, daemon=True).start()
     time.sleep(1)  # subscribed before anything is sent (task events are broadcast, not queued)
     store = JobStore.from_url(stack.settings.redis_url, 3600)
+    # One message of two good jobs (its task id is its first job's), one of a bad job, and one
+    # of a good and a bad job: a message succeeds only if all its jobs were done.
     good = post_images(stack, [("a.png", noise_png(1)), ("b.png", noise_png(2))]).json()["jobs"]
-    _, [bad] = store.create_batch([NewJob("upload", "bad.png", pixels="AAAA")], 3)
+    _, [bad, fine, bad_too] = store.create_batch([NewJob("upload", f"{i}.png", pixels="AAAA") for i in range(3)], 3)
     enqueue(app, [PredictTask(bad["job_id"], "not base64!", 3)], [])  # fails as bad_task
-    want = {good[0]["job_id"]: "succeeded", good[1]["job_id"]: "succeeded", bad["job_id"]: "bad_task"}
+    pixels = encode_pixels(np.zeros((32, 32, 3), np.uint8))
+    enqueue(app, [PredictTask(fine["job_id"], pixels, 3), PredictTask(bad_too["job_id"], "not base64!", 3)], [])
+    want = {good[0]["job_id"]: "succeeded", bad["job_id"]: "bad_task", fine["job_id"]: "bad_task"}
     wait_until(lambda: all(k in seen for k in want), 30, "the task events")
     assert {k: seen[k] for k in want} == want
+    assert good[1]["job_id"] not in seen  # no event of its own: it travelled in good[0]'s message

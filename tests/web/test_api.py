@@ -17,13 +17,14 @@ import pytest
 from shared.images import decode_pixels, preprocess
 from shared.queue import celery_init_app
 from shared.settings import REPO_ROOT
-from tests.helpers import assert_thumbnail, image_bytes, noise_png, upload
+from tests.helpers import assert_thumbnail, image_bytes, noise_png, queued_jobs, upload
 from tools.stack import free_port
 from web.app import create_app
 
 
 def queued_tasks(app, queue="predict"):
-    return [json.loads(m) for m in app.extensions["jobs"].redis.lrange(queue, 0, -1)]
+    """The jobs waiting in a queue (a prediction message holds several)."""
+    return queued_jobs(app.extensions["jobs"].redis, queue)
 
 
 def test_batch_upload_answers_202_with_jobs_links_and_location(client, app):
@@ -40,11 +41,26 @@ def test_batch_upload_answers_202_with_jobs_links_and_location(client, app):
 def test_the_task_carries_the_preprocessed_image_as_json(client, app):
     data = noise_png(1, size=(48, 40))  # not 32x32: the message must carry the crop and downscale
     upload(client, [("a.png", data)])
-    [msg] = queued_tasks(app)
+    [raw] = app.extensions["jobs"].redis.lrange("predict", 0, -1)
+    msg = json.loads(raw)
     assert msg["headers"]["task"] == "predict"
     assert msg["content-type"] == "application/json"
     args, kwargs, _ = json.loads(base64.b64decode(msg["body"]))
-    assert np.array_equal(decode_pixels(kwargs["pixels"]), preprocess(data))  # the model's input itself
+    [job] = kwargs["jobs"]
+    assert np.array_equal(decode_pixels(job["pixels"]), preprocess(data))  # the model's input itself
+
+
+@pytest.mark.parametrize("chunk", [16, 1])
+def test_a_batch_is_queued_in_messages_of_up_to_predict_chunk_jobs_in_order(settings_factory, chunk):
+    app = create_app(settings_factory(predict_chunk=chunk))
+    resp = upload(app.test_client(), [(f"{i}.png", noise_png(i)) for i in range(40)])
+    ids = [j["job_id"] for j in resp.get_json()["jobs"]]
+    messages = [json.loads(m) for m in reversed(app.extensions["jobs"].redis.lrange("predict", 0, -1))]
+    assert len(messages) == -(-40 // chunk)  # 3 messages of 16, 16 and 8 jobs; or 40 of one
+    assert [j["job_id"] for j in queued_tasks(app)] == ids
+    # The header names every job of a message, without its body; the task id is the first job's.
+    assert [j for m in messages for j in m["headers"]["job_ids"]] == ids
+    assert all(m["headers"]["id"] == m["headers"]["job_ids"][0] for m in messages)
 
 
 def test_single_job_endpoint(client):

@@ -9,7 +9,7 @@ import pytest
 
 from shared.images import encode_pixels
 from shared.jobstore import JobStore, NewJob
-from shared.queue import PredictTask, celery_init_app, enqueue
+from shared.queue import PredictTask, celery_init_app, enqueue, job_ids_of
 from shared.storage import ImageStore
 from worker.janitor import rescue_dead_workers, rescue_lost_tasks, rescue_unrecorded_tasks, sweep_expired_images
 from worker.state import WorkerState
@@ -22,7 +22,8 @@ def state(settings_factory):
 
 
 def queued_ids(state, queue):
-    return [json.loads(m)["headers"]["id"] for m in state.store.redis.lrange(queue, 0, -1)]
+    """The job ids the messages in a queue hold."""
+    return [j for m in state.store.redis.lrange(queue, 0, -1) for j in job_ids_of(json.loads(m)["headers"])]
 
 
 def make_jobs(state, n=2, status="queued"):
