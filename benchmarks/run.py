@@ -292,7 +292,7 @@ def measure_unchunked(settings: Settings, tmp: Path, images: list[bytes], concur
     finally:
         service.close()
     print(f"one job per message: {batch['batch_img_s']} img/s", flush=True)
-    return {"unchunked_batch_img_s": batch["batch_img_s"]}
+    return {"unchunked_batch_img_s": batch["batch_img_s"], "unchunked": batch["batch"]}
 
 
 def measure_flask(args, env: dict, images: list[bytes], n: int) -> dict:
