@@ -158,10 +158,10 @@ def _save_logs(compose: Compose) -> None:
 
 @pytest.fixture(scope="session")
 def test_images() -> list[TestImage]:
-    """1,200 distinct images: real CIFAR-10 test JPEGs (120 per class, interleaved so that any
+    """2,300 distinct images: real CIFAR-10 test JPEGs (230 per class, interleaved so that any
     slice has every class) when ../shared/data is beside the repo, else random PNGs. Distinct,
     because the result cache would answer a repeated image without the model."""
-    per_class = 120
+    per_class = 230
     if SHARED_JPEG_ARCHIVE.exists():
         found: dict[str, list[bytes]] = {c: [] for c in CLASSES}
         with tarfile.open(SHARED_JPEG_ARCHIVE) as tar:

@@ -130,6 +130,17 @@ def test_a_write_whose_answer_was_lost_in_a_redis_restart_still_counts_once(stat
     assert batch["counts"]["done"] == 3 and all(j["attempts"] == 1 for j in batch["jobs"])
 
 
+def test_the_same_job_twice_in_one_batch_is_predicted_and_written_once(state, calls):
+    finished = lambda: REGISTRY.get_sample_value("jobs_finished_total", {"status": "done", "code": ""}) or 0.0
+    batch_id, items = submit(state, 2)
+    before = finished()
+    outcomes = predict_jobs(state, [items[0], items[1], dict(items[0])])
+    assert outcomes == {i["job_id"]: ("done", "") for i in items}
+    assert finished() - before == 2  # counted (and logged) once each
+    assert calls()[:2] == (1, 2)  # one call of the two distinct jobs
+    assert public_batch(state.store, batch_id)["counts"]["done"] == 2
+
+
 def test_redelivered_jobs_run_alone_after_the_fresh_batch(state, calls):
     batch_id, items = submit(state, 4)
     state.store.mark_running([items[0]["job_id"], items[1]["job_id"]])  # their worker died once
