@@ -53,6 +53,17 @@ def tasks_for(job_ids: list[str], records: list[dict]) -> tuple[list[PredictTask
     return predictions, fetches
 
 
+def requeue(state, predictions: list[PredictTask], fetches: list[FetchTask], now: float, why: str) -> int:
+    """Queue these tasks again, mark their jobs as queued now, and say why in the log."""
+    if not predictions and not fetches:
+        return 0
+    enqueue(state.celery, predictions, fetches)
+    ids = [t.job_id for t in predictions + fetches]
+    state.store.touch_pending(ids, now)
+    log.warning("%s: re-queued %d tasks", why, len(ids), extra={"job_ids": ids})
+    return len(ids)
+
+
 def rescue_dead_workers(state, now: float | None = None) -> int:
     """Queue again the unfinished jobs of every worker whose heartbeat stopped."""
     store = state.store
@@ -61,17 +72,8 @@ def rescue_dead_workers(state, now: float | None = None) -> int:
     for node in store.silent_consumers(now - state.settings.worker_dead_after_seconds):
         ids = store.held_by(node)
         predictions, fetches = tasks_for(ids, store.requeue_fields(ids)) if ids else ([], [])
-        if predictions or fetches:
-            enqueue(state.celery, predictions, fetches)
-            store.touch_pending([t.job_id for t in predictions + fetches], now)
-            log.warning(
-                "worker %s stopped: re-queued %d of its jobs",
-                node,
-                len(predictions) + len(fetches),
-                extra={"job_ids": [t.job_id for t in predictions + fetches]},
-            )
+        requeued += requeue(state, predictions, fetches, now, f"worker {node} stopped")
         store.forget_consumer(node)
-        requeued += len(predictions) + len(fetches)
     return requeued
 
 
@@ -101,13 +103,7 @@ def rescue_unrecorded_tasks(state, now: float | None = None) -> int:
         if rec["status"] not in FINAL_STATUSES and queued_at is not None and queued_at <= delivered_at:
             orphans.append(job_id)
             orphan_records.append(rec)
-    predictions, fetches = tasks_for(orphans, orphan_records)
-    if predictions or fetches:
-        enqueue(state.celery, predictions, fetches)
-        ids = [t.job_id for t in predictions + fetches]
-        store.touch_pending(ids, now)
-        log.warning("re-queued %d tasks a worker took but never recorded", len(ids), extra={"job_ids": ids})
-    return len(predictions) + len(fetches)
+    return requeue(state, *tasks_for(orphans, orphan_records), now, "taken by a worker but never recorded")
 
 
 def rescue_lost_tasks(state, now: float | None = None) -> int:
@@ -143,12 +139,7 @@ def rescue_lost_tasks(state, now: float | None = None) -> int:
         ):
             fetches.append(FetchTask(job_id, rec["source"], top_k))
     store.forget_pending(gone)
-    if predictions or fetches:
-        enqueue(state.celery, predictions, fetches)
-        ids = [t.job_id for t in predictions + fetches]
-        store.touch_pending(ids, now)
-        log.warning("re-queued %d lost tasks", len(ids), extra={"job_ids": ids})
-    return len(predictions) + len(fetches)
+    return requeue(state, predictions, fetches, now, "message lost")
 
 
 def rescue_lost_webhooks(state, now: float | None = None) -> int:
