@@ -125,7 +125,8 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         shared=False,
     )
     def predict(requests):
-        # Every message that arrived within the wait (up to the batch size): one model call.
+        # Every message that arrived within the wait: their jobs in model calls of at most
+        # PREDICT_BATCH_SIZE images (one call, unless the messages hold more).
         t0 = time.perf_counter()
         outcomes = predict_jobs(state, [dict(job) for r in requests for job in predict_jobs_of(r.kwargs)])
         send_task_events(app, requests, outcomes, time.perf_counter() - t0)
@@ -204,17 +205,20 @@ class ReconnectingBatches(Batches):
     redelivered by the broker anyway", AsynPool.flush), which the compose Redis-restart test
     saw as 7 messages (112 jobs) held by a live worker that waited out the visibility timeout."""
 
+    def __init__(self):
+        super().__init__()
+        self._sent: list = []  # (pool job, its requests) handed to the pool and not finished
+
     def flush(self, requests):
         job = super().flush(requests)
-        sent = [(j, rs) for j, rs in getattr(self, "_sent", []) if not j.ready()]  # ready: nothing to redo
-        self._sent = sent + [(job, list(requests))]
+        self._sent = [(j, rs) for j, rs in self._sent if not j.ready()] + [(job, list(requests))]
         return job
 
     def Strategy(self, task, app, consumer):
         if self._tref is not None:
             self._tref.cancel()
         self._tref = None
-        unstarted = [r for job, rs in getattr(self, "_sent", []) if not job.accepted() for r in rs]
+        unstarted = [r for job, rs in self._sent if not job.accepted() for r in rs]
         stranded = list(self._buffer.queue) + list(self._pending.queue) + unstarted
         self._buffer, self._pending, self._sent = Queue(), Queue(), []
         if stranded:
