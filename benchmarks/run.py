@@ -270,15 +270,20 @@ def measure_raw(args, env: dict) -> dict:
     return {"raw": out, "raw_best_img_s": best["img_s"], "raw_served_img_s": best["img_s"], "raw_served_b1_ms": b1_ms}
 
 
+def batch_on_a_service_of_its_own(settings: Settings, tmp: Path, images: list[bytes], concurrency: int = 0) -> dict:
+    """measure_batch on a service started with these settings, stopped afterwards."""
+    service = Service(settings, tmp, concurrency)
+    try:
+        return measure_batch(service, images)
+    finally:
+        service.close()
+
+
 def measure_old_default(settings: Settings, tmp: Path, images: list[bytes], old_model: Path) -> dict:
     """The old default end to end: its model on TensorFlow at TTA level 2 (6 views per image),
     one job per message."""
     old = settings.replace(model_dir=old_model, predict_tta_level=2, predict_runtime="keras", predict_chunk=1)
-    service = Service(old, tmp / "old-default")
-    try:
-        batch = measure_batch(service, images)
-    finally:
-        service.close()
+    batch = batch_on_a_service_of_its_own(old, tmp / "old-default", images)
     print(f"old default: {batch['batch_img_s']} img/s", flush=True)
     return {"old_default_batch_img_s": batch["batch_img_s"], "old_default": {"model": str(old_model), **batch["batch"]}}
 
@@ -286,11 +291,7 @@ def measure_old_default(settings: Settings, tmp: Path, images: list[bytes], old_
 def measure_unchunked(settings: Settings, tmp: Path, images: list[bytes], concurrency: int) -> dict:
     """The service as served, but one job per prediction message (as before PREDICT_CHUNK): what
     carrying several jobs per message buys, side by side."""
-    service = Service(settings.replace(predict_chunk=1), tmp / "unchunked", concurrency)
-    try:
-        batch = measure_batch(service, images)
-    finally:
-        service.close()
+    batch = batch_on_a_service_of_its_own(settings.replace(predict_chunk=1), tmp / "unchunked", images, concurrency)
     print(f"one job per message: {batch['batch_img_s']} img/s", flush=True)
     return {"unchunked_batch_img_s": batch["batch_img_s"], "unchunked": batch["batch"]}
 

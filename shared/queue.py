@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from celery import Celery
 
+from shared.schemas import TOP_K_DEFAULT
 from shared.settings import Settings
 
 PREDICT_TASK, PREDICT_QUEUE = "predict", "predict"
@@ -110,7 +111,9 @@ def job_ids_of(headers: dict) -> list[str]:
 def tasks_of(requests: Iterable) -> list[PredictTask]:
     """The prediction tasks of received messages, to queue them again."""
     return [
-        PredictTask(j["job_id"], j["pixels"], j.get("top_k", 3)) for r in requests for j in predict_jobs_of(r.kwargs)
+        PredictTask(j["job_id"], j["pixels"], j.get("top_k", TOP_K_DEFAULT))
+        for r in requests
+        for j in predict_jobs_of(r.kwargs)
     ]
 
 

@@ -44,7 +44,6 @@ from worker.janitor import (
     rescue_dead_workers,
     rescue_lost_tasks,
     rescue_lost_webhooks,
-    rescue_unrecorded_tasks,
     sweep_expired_images,
 )
 from worker.prediction import predict_jobs
@@ -274,7 +273,6 @@ def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
                 next_beat = time.monotonic() + s.worker_heartbeat_seconds
                 if state.store.take_lock("janitor", node, s.worker_heartbeat_seconds):
                     rescue_dead_workers(state, now)
-                    rescue_unrecorded_tasks(state, now)
                     rescue_lost_tasks(state, now)
                     rescue_lost_webhooks(state, now)
                 if s.worker_role == "fetch" and state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):

@@ -7,8 +7,8 @@ process records the task ids it receives with its heartbeat (worker/factory.py),
 heartbeat stops for WORKER_DEAD_AFTER_SECONDS the unfinished ones are queued again at once,
 from the job records. Their old messages still come back later, and find the jobs finished.
 A worker records a task id some milliseconds after kombu hands it the message; one killed in
-between leaves an unacknowledged message that no worker recorded, and that job is queued again
-as soon as the gap is clearly not the recording's own delay.
+between leaves an unacknowledged message that no worker recorded, and when its death is found,
+such jobs are queued again too.
 
 Kombu's Redis transport takes a message off the queue (BRPOP) and then, in a second command,
 records it as unacknowledged. If Redis goes away between the two, the message is gone while
@@ -69,11 +69,14 @@ def rescue_dead_workers(state, now: float | None = None) -> int:
     store = state.store
     now = time.time() if now is None else now
     requeued = 0
-    for node in store.silent_consumers(now - state.settings.worker_dead_after_seconds):
+    dead = store.silent_consumers(now - state.settings.worker_dead_after_seconds)
+    for node in dead:
         ids = store.held_by(node)
         predictions, fetches = tasks_for(ids, store.requeue_fields(ids)) if ids else ([], [])
         requeued += requeue(state, predictions, fetches, now, f"worker {node} stopped")
         store.forget_consumer(node)
+    if dead:  # a worker that died may have taken messages it had not recorded yet
+        requeued += rescue_unrecorded_tasks(state, now)
     return requeued
 
 
@@ -86,8 +89,11 @@ def rescue_unrecorded_tasks(state, now: float | None = None) -> int:
     """Queue again the unfinished jobs whose message a worker took but no live worker recorded.
 
     The compose kill test found it: 2 of the 128 messages the killed container held had been
-    handed over but not yet recorded, so rescue_dead_workers never saw them, and they waited
-    for the visibility timeout (the batch finished 61 s after the kill instead of 12)."""
+    handed over but not yet recorded, so the dead worker's held set did not name them, and they
+    waited for the visibility timeout (the batch finished 61 s after the kill instead of 12).
+    Only a worker that died leaves such messages, so rescue_dead_workers runs this when it finds
+    one; on every janitor pass it would read each message that a slow worker holds for more than
+    the grace, for nothing."""
     store = state.store
     now = time.time() if now is None else now
     handed = store.unacknowledged_before(now - RECORD_GRACE_SECONDS)

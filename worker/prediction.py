@@ -41,11 +41,7 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     runs, fails as `poison` instead of looping.
     """
     state.outcomes = {}
-    # The same job twice in one batch (a message queued again after a reconnection, beside its
-    # first copy) is one job: the compose Redis-restart test saw 16 jobs written and logged twice,
-    # since one call's repeated write id answers "written" for each copy.
-    messages = list({m.get("job_id", ""): m for m in reversed(messages)}.values())[::-1]
-    job_ids = [m.get("job_id", "") for m in messages]
+    job_ids = [m.get("job_id", "") for m in messages]  # a job twice: its second copy is refused
     marks = until_redis_answers(state.store.mark_running, job_ids, write_id=new_id())
     fresh, suspects = [], []
     for message, (result, attempts) in zip(messages, marks, strict=True):

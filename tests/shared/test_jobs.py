@@ -78,6 +78,15 @@ def test_a_retried_write_with_the_same_write_id_answers_as_the_first_did(store):
     assert batch["jobs"][0]["attempts"] == 1
 
 
+def test_a_job_named_twice_in_one_call_changes_once(store):
+    batch_id, [rec] = store.create_batch([NewJob("upload", "a.png")], 3)
+    job_id = rec["job_id"]
+    assert store.mark_running([job_id, job_id], write_id="w1") == [(1, 1), (0, 0)]
+    preds = [{"label": "cat", "probability": 0.9}]
+    assert store.complete([job_id, job_id], [preds, preds], MODEL, write_id="w2") == [(1, 0), (0, 0)]
+    assert public_batch(store, batch_id)["counts"]["done"] == 1
+
+
 def test_concurrent_duplicate_completions_count_once(store):
     batch_id, records = store.create_batch([NewJob("upload", f"{i}.png") for i in range(50)], 3)
     ids = [r["job_id"] for r in records]

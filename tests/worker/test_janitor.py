@@ -98,6 +98,20 @@ def test_a_message_taken_but_never_recorded_is_queued_again_after_the_grace(stat
     assert rescue_unrecorded_tasks(state, now + 9) == 0  # queued again since that delivery: handled
 
 
+def test_finding_a_dead_worker_also_queues_the_messages_it_took_but_never_recorded(state):
+    recorded, unrecorded, live_workers = make_jobs(state, 3)
+    handed = time.time() + 1  # after the jobs were queued
+    for job_id in (recorded, unrecorded, live_workers):
+        hand_over(state, job_id, handed)
+    now = handed + 30
+    state.store.record_consumer("dead", handed, [recorded], 120)
+    state.store.record_consumer("alive", now, [live_workers], 120)
+    assert rescue_dead_workers(state, now) == 2
+    assert sorted(queued_ids(state, "predict")) == sorted([recorded, unrecorded])
+    state.store.forget_consumer("dead")
+    assert rescue_dead_workers(state, now + 1) == 0  # nobody died since: no scan, nothing twice
+
+
 def test_stored_images_older_than_the_retention_period_are_swept(settings_factory):
     settings = settings_factory(retention_days=1)
     state = WorkerState(
