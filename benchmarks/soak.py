@@ -52,7 +52,6 @@ def main(argv=None) -> dict:
         REDIS_URL=f"redis://127.0.0.1:{rport}/0",
         MODEL_DIR=args.model,
         STORAGE_DIR=str(tmp / "images"),
-        VISIBILITY_TIMEOUT="10",
         RATE_LIMIT="10000000/minute",
         TF_CPP_MIN_LOG_LEVEL="3",
         LOG_JSON="1",

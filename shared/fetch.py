@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from shared.errors import InputRefused
@@ -170,7 +171,9 @@ def post(
         {"Content-Type": "application/json", **headers},
         body,
     ) as resp:
-        resp.raw.read(64 * 1024, decode_content=False)  # the answer itself is not wanted
+        # The status is the answer; its body is never read, so a receiver that answers and then
+        # stalls or breaks off its body cannot hold the delivery (it did, for the read timeout,
+        # and the urllib3 error that escaped left the attempt uncounted: resent for 7 days).
         return resp.status_code
 
 
@@ -237,8 +240,13 @@ def _read_body(resp, deadline: float, timeout: float, max_bytes: int) -> bytes:
             body += chunk
             if len(body) > max_bytes:
                 raise UrlRefused("file_too_large", f"The image is larger than {max_bytes // (1 << 20)} MB.", 413)
-    except (requests.RequestException, OSError, zlib.error) as exc:
-        if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc).lower():
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, zlib.error) as exc:
+        # urllib3's own errors too: a body that breaks off mid-stream raises ProtocolError or
+        # IncompleteRead, a stalled one ReadTimeoutError, and none is an OSError. They escaped,
+        # the task was acknowledged, and the job stayed `fetching` for good.
+        if isinstance(exc, (socket.timeout, TimeoutError, urllib3.exceptions.TimeoutError)) or (
+            "timed out" in str(exc).lower()
+        ):
             raise UrlRefused("fetch_timeout", f"The download took longer than {timeout:g} s.", 504) from None
         raise UrlRefused("fetch_failed", f"The download broke off ({type(exc).__name__}).", 502) from None
     return bytes(body)

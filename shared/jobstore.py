@@ -8,7 +8,7 @@ Every job belongs to a batch (a single-image submission is a batch of one).
   batch:<id>:jobs      list: job ids in submission order
   batch:<id>:changes   sorted set: job ids by the batch version of their last change
   batch:<id>:events    pub/sub channel: a message per change (for long-polling)
-  jobs:pending         sorted set: unfinished job ids, scored by when their task was queued
+  jobs:pending         sorted set: unfinished job ids, scored by their deadline (worker/janitor.py)
   workers:heartbeat    sorted set: model processes by their last heartbeat (readiness)
   consumers:heartbeat  sorted set: worker processes that take tasks, by their last heartbeat
   held:<node>          sorted set: task (job) ids a worker process received, by when
@@ -20,13 +20,15 @@ Every job belongs to a batch (a single-image submission is a batch of one).
 All job and batch keys expire after the retention period. Status changes go through one Lua
 script, so a record and its batch counts always change together, and a finished job never
 changes again (a duplicate delivery cannot write a second result). The record is enough to
-queue a job's task again (worker/janitor.py does, when a task message was lost).
+queue a job's task again: `queued_at` says when its latest message was sent, `requeues` how
+often the janitor sent one again (worker/janitor.py, which enforces the deadlines).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import secrets
 import time
 import uuid
@@ -36,7 +38,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.queue import job_ids_of
+from shared.queue import QUEUED_AT_HEADER, job_ids_of
 from shared.schemas import FINAL_STATUSES, STATUSES, UNFINISHED_STATUSES
 
 PENDING = "jobs:pending"
@@ -49,6 +51,11 @@ BATCH_PREFIX = "batch:"
 # when it handed each one over (delivery tag -> time) in this sorted set.
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+# A job whose message was just queued is first looked at this long after: by then a worker has
+# taken its message and recorded a deadline of its own, or it is still waiting in its queue, or
+# its message was lost (worker/janitor.py tells which). Longer than a worker needs to record a
+# message it took (milliseconds), short enough that a lost message is soon sent again.
+QUEUE_CHECK_SECONDS = 10.0
 
 
 def job_key(job_id: str) -> str:
@@ -61,7 +68,8 @@ def batch_key(batch_id: str, part: str = "") -> str:
 
 # KEYS: the job, the pending set, the due webhooks. ARGV: job id, batch key prefix, final statuses
 # (comma-separated), new status, allowed current statuses (comma-separated), a counter field to
-# increment ("" for none), the time, the write id ("" for none), then field/value pairs. Returns
+# increment ("" for none), the time, the write id ("" for none), the job's new deadline in the
+# pending set ("" to keep it; a final status always leaves the set), then field/value pairs. Returns
 # {result, counter, batch}: result 1 changed, 0 refused (wrong current status), -1 unknown job;
 # batch is the batch's id if this change finished a batch whose webhook was waiting for that (it
 # is then due), else "". A write id already on the record means this call is the retry of a
@@ -76,7 +84,7 @@ if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'write_id') == ARGV[8] then
   return {1, counter, ''}
 end
 if not string.find(',' .. ARGV[5] .. ',', ',' .. cur .. ',', 1, true) then return {0, 0, ''} end
-if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
+if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'write_id', ARGV[8]) end
 local counter = 0
 if ARGV[6] ~= '' then counter = redis.call('HINCRBY', KEYS[1], ARGV[6], 1) end
@@ -102,11 +110,24 @@ if string.find(final, ',' .. new .. ',', 1, true) then
       due = batch_id
     end
   end
+elseif ARGV[9] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[9], job_id)
 end
 local version = redis.call('HINCRBY', bkey, 'version', 1)
 redis.call('ZADD', bkey .. ':changes', version, job_id)
 redis.call('PUBLISH', bkey .. ':events', version)
 return {1, counter, due}
+"""
+
+# KEYS: the job, the pending set. ARGV: the job id, the time its task was queued again, its next
+# deadline, 1 if the janitor did it (counted in `requeues`). Only a job still pending changes (an
+# HSET on a finished or expired record would change it, or leave a stub that never expires).
+_REQUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'queued_at', ARGV[2])
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'requeues', 1) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
 """
 
 # KEYS: the claim. ARGV: the request's fingerprint, the claim's lifetime (s). Returns the stored
@@ -151,6 +172,7 @@ class JobStore:
         self.ttl = retention_seconds
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
+        self._requeued = client.register_script(_REQUEUED)
         self._release = client.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
         )
@@ -179,8 +201,8 @@ class JobStore:
     def create_batch(self, jobs: list[NewJob], top_k: int, webhook_url: str = "") -> tuple[str, list[dict]]:
         """Write a batch and its jobs in one transaction: all of it is stored, or none.
         Returns the batch id and the job records (without their pixels)."""
-        batch_id, created = new_id(), now_iso()
-        records = [self._record(j, batch_id, created, top_k) for j in jobs]
+        batch_id, created, queued_at = new_id(), now_iso(), time.time()
+        records = [self._record(j, batch_id, created, top_k, queued_at) for j in jobs]
         counts = {f"n_{s}": 0 for s in STATUSES}
         for rec in records:
             counts[f"n_{rec['status']}"] += 1
@@ -202,14 +224,16 @@ class JobStore:
                 # Each job's last change, by batch version: lets a poller fetch only what changed.
                 p.zadd(batch_key(batch_id, "changes"), dict.fromkeys(ids, 0))
                 p.expire(batch_key(batch_id, "changes"), self.ttl)
-            waiting = {r["job_id"]: time.time() for r in records if r["status"] not in FINAL_STATUSES}
+            waiting = {
+                r["job_id"]: queued_at + QUEUE_CHECK_SECONDS for r in records if r["status"] not in FINAL_STATUSES
+            }
             if waiting:
                 p.zadd(PENDING, waiting)
             p.execute()
         return batch_id, [{k: v for k, v in r.items() if k != "pixels"} for r in records]
 
     @staticmethod
-    def _record(job: NewJob, batch_id: str, created: str, top_k: int) -> dict:
+    def _record(job: NewJob, batch_id: str, created: str, top_k: int, queued_at: float) -> dict:
         rec = dict(
             job_id=new_id(),
             batch_id=batch_id,
@@ -220,6 +244,7 @@ class JobStore:
             top_k=str(top_k),
             created_at=created,
             attempts="0",
+            queued_at=repr(queued_at),
         )
         if job.status == "failed":
             rec.update(error_code=job.error_code, error_message=job.error_message, finished_at=created)
@@ -244,10 +269,12 @@ class JobStore:
         fields: list[dict] | dict | None = None,
         count: str = "",
         write_id: str = "",
+        deadline: float | None = None,
     ) -> list[tuple[int, int]]:
         """Move jobs to `status` if their current status is in `allowed_from`, in one round trip,
-        incrementing the field `count` if given. Returns (result, counter) per job:
-        result 1 changed, 0 refused, -1 unknown job.
+        incrementing the field `count` if given, and (a status that is not final) setting their
+        deadline if given. Returns (result, counter) per job: result 1 changed, 0 refused, -1
+        unknown job.
 
         A caller that retries when Redis does not answer passes the same `write_id` each time
         (new_id(), made once): a write that was done but whose answer was lost then answers 1
@@ -268,7 +295,7 @@ class JobStore:
                 if first[job_id] != i:
                     continue
                 args = [job_id, BATCH_PREFIX, ",".join(FINAL_STATUSES), status, ",".join(allowed_from), count, now]
-                args.append(write_id)
+                args += [write_id, "" if deadline is None else repr(deadline)]
                 for k, v in f.items():
                     args += [k, v if isinstance(v, str) else json.dumps(v)]
                 self._transition(keys=[job_key(job_id), PENDING, WEBHOOKS_DUE], args=args, client=p)
@@ -279,25 +306,27 @@ class JobStore:
             self.on_webhooks_due(due)
         return [(result, counter) for result, counter, _ in results]
 
-    def mark_fetching(self, job_id: str, write_id: str = "") -> tuple[int, int]:
-        """A fetch attempt starts; the counter is this job's fetch attempts so far."""
+    def mark_fetching(self, job_id: str, write_id: str = "", deadline: float | None = None) -> tuple[int, int]:
+        """A fetch attempt starts, to end by `deadline`; the counter is this job's fetch attempts so far."""
         fields = {"started_at": now_iso()}
-        return self.transition([job_id], "fetching", ("fetching",), fields, "fetch_attempts", write_id)[0]
+        return self.transition([job_id], "fetching", ("fetching",), fields, "fetch_attempts", write_id, deadline)[0]
 
     def mark_fetched(self, job_id: str, image_sha: str, pixels_b64: str) -> tuple[int, int]:
-        """The fetch is done and the prediction task queued (its time is the job's new score)."""
-        result = self.transition([job_id], "queued", ("fetching",), {"image": image_sha, "pixels": pixels_b64})[0]
+        """The fetch is done and the prediction task queued just now."""
+        queued_at = time.time()
+        fields = {"image": image_sha, "pixels": pixels_b64, "queued_at": repr(queued_at)}
+        result = self.transition([job_id], "queued", ("fetching",), fields, deadline=queued_at + QUEUE_CHECK_SECONDS)[0]
         if result[0] == 0:  # prediction already began: still record which image it was
             self.redis.hset(job_key(job_id), "image", image_sha)
-        else:
-            self.redis.zadd(PENDING, {job_id: time.time()}, xx=True)
         return result
 
-    def mark_running(self, job_ids: list[str], write_id: str = "") -> list[tuple[int, int]]:
-        """Prediction starts; the counter is each job's prediction attempts so far. A URL job can
-        be predicted before its fetcher records the fetch, hence "fetching" is allowed."""
+    def mark_running(self, job_ids: list[str], write_id: str = "", deadline: float | None = None) -> list[tuple[int, int]]:
+        """Prediction starts, to end by `deadline`; the counter is each job's prediction attempts
+        so far. A URL job can be predicted before its fetcher records the fetch, hence "fetching"
+        is allowed."""
         fields = {"started_at": now_iso()}
-        return self.transition(job_ids, "running", ("queued", "fetching", "running"), fields, "attempts", write_id)
+        allowed = ("queued", "fetching", "running")
+        return self.transition(job_ids, "running", allowed, fields, "attempts", write_id, deadline)
 
     def count_solo_attempt(self, job_id: str) -> int:
         """A suspect job is about to run alone: how many times has it now (see worker.prediction)."""
@@ -332,59 +361,73 @@ class JobStore:
     def batch_job_ids(self, batch_id: str) -> list[str]:
         return self.redis.lrange(batch_key(batch_id, "jobs"), 0, -1)
 
-    def fail(self, job_ids: list[str], code: str, message: str, write_id: str = "") -> list[tuple[int, int]]:
+    def fail(
+        self,
+        job_ids: list[str],
+        code: str,
+        message: str,
+        write_id: str = "",
+        allowed_from: tuple[str, ...] = ("queued", "fetching", "running"),
+    ) -> list[tuple[int, int]]:
+        """The jobs fail. A fetch failure passes allowed_from=("fetching",): another copy of the
+        fetch may have fetched the image already, and the job is then queued, not failed."""
         fields = dict(error_code=code, error_message=message, finished_at=now_iso())
-        return self.transition(job_ids, "failed", ("queued", "fetching", "running"), fields, write_id=write_id)
+        return self.transition(job_ids, "failed", allowed_from, fields, write_id=write_id)
 
-    # --- finding jobs whose task message was lost (worker/janitor.py) ------------------------
-    def pending_before(self, cutoff: float, limit: int = 500) -> list[tuple[str, float]]:
-        return self.redis.zrangebyscore(PENDING, "-inf", cutoff, start=0, num=limit, withscores=True)
+    # --- deadlines (worker/janitor.py) ---------------------------------------------------------
+    def overdue(self, now: float, limit: int = 500) -> list[str]:
+        """Unfinished jobs whose deadline has passed, earliest first."""
+        return self.redis.zrangebyscore(PENDING, "-inf", now, start=0, num=limit)
 
-    def pending_score(self, job_id: str) -> float | None:
-        return self.redis.zscore(PENDING, job_id)
+    def deadlines(self, job_ids: list[str]) -> list[float | None]:
+        return self.redis.zmscore(PENDING, job_ids) if job_ids else []
+
+    def postpone(self, deadlines: dict[str, float]) -> None:
+        """New deadlines for jobs still pending (a finished one stays out of the set)."""
+        if deadlines:
+            self.redis.zadd(PENDING, deadlines, xx=True)
 
     def requeue_fields(self, job_ids: list[str]) -> list[dict]:
-        keys = ("status", "pixels", "source", "top_k", "fetch_attempts")
+        keys = ("status", "pixels", "source", "top_k", "queued_at", "requeues")
         with self.redis.pipeline(transaction=False) as p:
             for job_id in job_ids:
                 p.hmget(job_key(job_id), *keys)
             return [dict(zip(keys, row, strict=True)) for row in p.execute()]
 
-    def touch_pending(self, job_ids: list[str], when: float) -> None:
-        if job_ids:
-            self.redis.zadd(PENDING, dict.fromkeys(job_ids, when), xx=True)
+    def requeued(self, job_ids: list[str], now: float, rescued: bool = False) -> None:
+        """These jobs' tasks were queued again just now (counted in `requeues` if `rescued`, that
+        is, by the janitor); the record says so, and they are looked at again in a while."""
+        if not job_ids:
+            return
+        with self.redis.pipeline(transaction=False) as p:
+            for job_id in job_ids:
+                args = [job_id, repr(now), repr(now + QUEUE_CHECK_SECONDS), "1" if rescued else "0"]
+                self._requeued(keys=[job_key(job_id), PENDING], args=args, client=p)
+            p.execute()
 
     def forget_pending(self, job_ids: list[str]) -> None:
         if job_ids:
             self.redis.zrem(PENDING, *job_ids)
 
-    def oldest_waiting_task_id(self, queue: str) -> str | None:
-        """The task id (our job id) of the oldest message still waiting in a Celery queue: ""
-        if the queue is empty, None if that message is not one of ours."""
+    def queue_head_queued_at(self, queue: str) -> float | None:
+        """When the oldest message still waiting in a Celery queue was queued: inf if the queue is
+        empty, None if that message does not say (not one of ours)."""
         raw = self.redis.lindex(queue, -1)  # kombu LPUSHes and BRPOPs: the right end is the oldest
         if raw is None:
-            return ""
+            return math.inf
         try:
-            return json.loads(raw)["headers"]["id"]
+            return float(json.loads(raw)["headers"][QUEUED_AT_HEADER])
         except (ValueError, KeyError, TypeError):
             return None
 
-    def unacknowledged_task_ids(self) -> set[str]:
-        """Job ids of the messages workers hold (kombu keeps [message, exchange, routing_key]):
-        those come back by themselves if their worker dies."""
-        return {job_id for _, raw in self.redis.hscan_iter(KOMBU_UNACKED, count=500) for job_id in _unacked_jobs(raw)}
-
     def unacknowledged_before(self, before: float, limit: int = 2000) -> list[tuple[str, float]]:
         """(job id, when kombu handed its message to a worker) of the unacknowledged messages
-        handed over before `before`, oldest first."""
+        handed over before `before`, oldest first (kombu's Redis transport only)."""
         tags = self.redis.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", before, start=0, num=limit, withscores=True)
         if not tags:
             return []
         raws = self.redis.hmget(KOMBU_UNACKED, [t for t, _ in tags])
         return [(job_id, at) for (_, at), raw in zip(tags, raws, strict=True) for job_id in _unacked_jobs(raw)]
-
-    def pending_scores(self, job_ids: list[str]) -> list[float | None]:
-        return self.redis.zmscore(PENDING, job_ids) if job_ids else []
 
     def queue_length(self, queue: str) -> int:
         return self.redis.llen(queue)
@@ -399,14 +442,18 @@ class JobStore:
     def live_workers(self, since: float) -> list[str]:
         return self.redis.zrangebyscore(HEARTBEATS, since, "+inf")
 
-    def record_consumer(self, node: str, now: float, received: list[str], keep_seconds: float) -> None:
-        """A worker process that takes tasks is alive and has received these task ids. Ids older
-        than keep_seconds are dropped: their tasks are finished or back with the broker by then."""
+    def record_consumer(
+        self, node: str, now: float, received: list[str], keep_seconds: float, deadline: float
+    ) -> None:
+        """A worker process that takes tasks is alive and has received these task ids, whose
+        jobs are due by `deadline`. Ids older than keep_seconds are dropped: their tasks are
+        finished or past their deadline by then."""
         key = f"held:{node}"
         with self.redis.pipeline() as p:
             p.zadd(CONSUMERS, {node: now})
             if received:
                 p.zadd(key, dict.fromkeys(received, now))
+                p.zadd(PENDING, dict.fromkeys(received, deadline), xx=True)
             p.zremrangebyscore(key, "-inf", now - keep_seconds)
             p.expire(key, int(keep_seconds) + 60)
             p.execute()
@@ -415,8 +462,9 @@ class JobStore:
         """Worker processes whose last heartbeat is older than `since`: dead, or cut off."""
         return self.redis.zrangebyscore(CONSUMERS, "-inf", since)
 
-    def held_by(self, node: str) -> list[str]:
-        return self.redis.zrange(f"held:{node}", 0, -1)
+    def held_by(self, node: str) -> list[tuple[str, float]]:
+        """(job id, when this worker received it) of what a worker process recorded."""
+        return self.redis.zrange(f"held:{node}", 0, -1, withscores=True)
 
     def held_by_live_consumers(self, since: float) -> set[str]:
         """Job ids recorded by the worker processes that have beaten since `since`."""
@@ -538,13 +586,25 @@ class JobStore:
             p.zrem(WEBHOOKS_DUE, batch_id)
             p.execute()
 
+    def webhook_lost(self, batch_id: str, error: str, now: float, max_attempts: int) -> int | None:
+        """A due delivery that nobody made (its task was lost): count it as an attempt. Returns
+        the attempts so far if it should be tried again now (its due time is now), else None:
+        given up (failed), or nothing to deliver (delivered, or the batch expired)."""
+        rec = self.redis.hgetall(batch_key(batch_id))
+        if rec.get("webhook_status") != "queued":
+            self.forget_webhook(batch_id)
+            return None
+        attempts = int(rec.get("webhook_attempts") or 0) + 1
+        self.webhook_attempt(batch_id, error, None if attempts >= max_attempts else now)
+        return attempts if attempts < max_attempts else None
+
+    def forget_webhook(self, batch_id: str) -> None:
+        """Nothing to deliver for this batch (delivered, given up or expired): not due any more."""
+        self.redis.zrem(WEBHOOKS_DUE, batch_id)
+
     def webhooks_overdue(self, before: float) -> list[str]:
         """Due webhooks nobody is delivering (their task was lost), due before `before`."""
         return self.redis.zrangebyscore(WEBHOOKS_DUE, "-inf", before, start=0, num=100)
-
-    def reschedule_webhooks(self, batch_ids: list[str], when: float) -> None:
-        if batch_ids:
-            self.redis.zadd(WEBHOOKS_DUE, dict.fromkeys(batch_ids, when), xx=True)
 
     def result_cache(self, namespace: str) -> ResultCache:
         return ResultCache(self.redis, namespace, self.ttl)

@@ -7,11 +7,12 @@ A prediction message carries up to PREDICT_CHUNK jobs (kwargs {"jobs": [...]}): 
 kombu cost about 4 ms of CPU per message, web and worker together, more than the model spends
 on an image. Its task id is its first job's id, and its `job_ids` header names every job, so
 that what watches the queue (worker/janitor.py) knows which jobs a message holds without
-decoding its body.
+decoding its body; its `queued_at` header says when it was sent.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ FETCH_TASK, FETCH_QUEUE = "fetch", "fetch"
 WEBHOOK_TASK = "webhook"  # on the fetch queue: network waits, like fetching
 QUEUES = (PREDICT_QUEUE, FETCH_QUEUE)
 JOB_IDS_HEADER = "job_ids"
+QUEUED_AT_HEADER = "queued_at"  # when the message was sent (Unix time): how far its queue has moved
 
 
 class PredictTask(NamedTuple):
@@ -46,8 +48,11 @@ def celery_init_app(settings: Settings) -> Celery:
         accept_content=["json"],  # a pickled message is refused, never executed
         result_backend=None,
         task_ignore_result=True,  # status lives in our own job records
-        task_acks_late=True,  # acknowledge after the work, so a crash redelivers it
-        task_reject_on_worker_lost=True,  # a killed pool child requeues its task
+        task_acks_late=True,  # acknowledge after the work: a message whose worker died is redelivered
+        # A killed pool child's task is rejected and requeued by the broker. (This covers plain
+        # tasks only: celery-batches hands its batches to the pool itself, and a dead child's
+        # batch is queued again by worker.factory.ReconnectingBatches.)
+        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_routes={
             PREDICT_TASK: {"queue": PREDICT_QUEUE},
@@ -55,8 +60,10 @@ def celery_init_app(settings: Settings) -> Celery:
             WEBHOOK_TASK: {"queue": FETCH_QUEUE},
         },
         task_default_queue=PREDICT_QUEUE,
-        # Unacknowledged tasks go back to the queue after this long: longer than any task runs,
-        # short enough that a killed worker's jobs are soon picked up by another.
+        # Kombu's Redis transport puts a message back in its queue when it has been held this
+        # long unacknowledged, whether its worker died or not: longer than a message is ever held
+        # (Settings checks), so that a slow batch is never redelivered while it runs. A dead
+        # worker's jobs do not wait for it: the janitor's deadlines come first (worker/janitor.py).
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             # Look for abandoned tasks every fifth of that (kombu's default is every 100 s).
@@ -69,7 +76,7 @@ def celery_init_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # keep reconnecting while Redis is away
         task_soft_time_limit=settings.task_soft_time_limit,
-        task_time_limit=settings.task_soft_time_limit + 30,
+        task_time_limit=settings.task_time_limit,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
@@ -80,7 +87,7 @@ def celery_init_app(settings: Settings) -> Celery:
 
 def enqueue(app: Celery, predictions: list[PredictTask], fetches: list[FetchTask]) -> None:
     """Queue predictions (in messages of up to predict_chunk jobs) and fetches on one connection."""
-    chunk = app.conf.predict_chunk
+    chunk, queued_at = app.conf.predict_chunk, time.time()
     with app.producer_or_acquire() as producer:
         for i in range(0, len(predictions), chunk):
             jobs = predictions[i : i + chunk]
@@ -90,10 +97,17 @@ def enqueue(app: Celery, predictions: list[PredictTask], fetches: list[FetchTask
                 producer=producer,
                 task_id=jobs[0].job_id,
                 queue=PREDICT_QUEUE,
-                headers={JOB_IDS_HEADER: [t.job_id for t in jobs]},
+                headers={JOB_IDS_HEADER: [t.job_id for t in jobs], QUEUED_AT_HEADER: queued_at},
             )
         for t in fetches:
-            app.send_task(FETCH_TASK, kwargs=t._asdict(), producer=producer, task_id=t.job_id, queue=FETCH_QUEUE)
+            app.send_task(
+                FETCH_TASK,
+                kwargs=t._asdict(),
+                producer=producer,
+                task_id=t.job_id,
+                queue=FETCH_QUEUE,
+                headers={QUEUED_AT_HEADER: queued_at},
+            )
 
 
 def predict_jobs_of(kwargs: dict) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "cifar10-airbench"
 
+DEADLINE_MARGIN_SECONDS = 10.0  # what a deadline allows beyond the step's own limit (heartbeats, Redis)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -58,11 +59,11 @@ class Settings:
     predict_tta_level: int = -1  # test-time augmentation: -1 as the model ships it, 0 none, 1, 2
     predict_runtime: str = "auto"  # keras | openvino | auto (as model.json serves it, where installed)
     result_cache: bool = True  # the same image (pixels) and model version: predicted once
-    task_max_attempts: int = 3  # deliveries of one job before it fails as poison
+    task_max_attempts: int = 3  # solo runs of a suspect job, and re-queues of any job past its deadline
     task_soft_time_limit: float = 30.0  # seconds for one prediction batch or fetch
-    visibility_timeout: int = 60  # seconds before an unacknowledged task is redelivered
+    visibility_timeout: int = 300  # seconds before kombu's Redis transport redelivers a held task
     worker_heartbeat_seconds: float = 2.0
-    worker_dead_after_seconds: float = 10.0  # a worker silent this long is dead: its jobs are queued again
+    worker_dead_after_seconds: float = 6.0  # a worker silent this long is dead: its jobs are queued again
     worker_role: str = "predict"  # what a Celery worker process does: predict | fetch (set by `python -m worker`)
     worker_pool: str = "prefork"  # predict queue: prefork (model in a child process) | solo (in the worker)
     worker_app: str = "worker.app"  # the Celery app `python -m worker` runs (tests run one that injects faults)
@@ -97,6 +98,36 @@ class Settings:
     def image_limits(self) -> dict:
         """check_image's limits (shared/images.py) as these settings set them."""
         return dict(max_pixels=self.max_image_pixels, max_full_pixels=self.max_full_decode_pixels)
+
+    def __post_init__(self):
+        if self.visibility_timeout <= self.hold_deadline_seconds:
+            raise SettingsError(
+                f"VISIBILITY_TIMEOUT={self.visibility_timeout} must be longer than a task message may be held "
+                f"({self.hold_deadline_seconds:g} s, from TASK_SOFT_TIME_LIMIT), or a slow batch is run twice"
+            )
+
+    # Deadlines: every unfinished job has one, set by its last step; past it, the janitor queues
+    # its task again from the record (worker/janitor.py). Each is the longest the step may take
+    # and a margin for the heartbeat that notices.
+    @property
+    def task_time_limit(self) -> float:
+        """A pool child still running a task this long after it started is killed."""
+        return self.task_soft_time_limit + 30
+
+    @property
+    def fetch_deadline_seconds(self) -> float:
+        """From the start of a fetch: the download, then decoding (bounded by the soft limit)."""
+        return self.fetch_timeout + 2 * DEADLINE_MARGIN_SECONDS
+
+    @property
+    def run_deadline_seconds(self) -> float:
+        """From the start of a prediction batch."""
+        return self.task_time_limit + DEADLINE_MARGIN_SECONDS
+
+    @property
+    def hold_deadline_seconds(self) -> float:
+        """From when a worker took a message: it may wait behind one batch, then run as one."""
+        return 2 * self.task_time_limit + DEADLINE_MARGIN_SECONDS
 
     @property
     def retention_seconds(self) -> int:

@@ -66,7 +66,6 @@ def settings_factory(tmp_path, redis_url, tiny_model_dir):
             storage_dir=tmp_path / "images",
             model_dir=tiny_model_dir,
             fetch_allow_hosts=frozenset(),
-            visibility_timeout=5,
             log_json=False,
         )
         return Settings.from_env({}, **(values | overrides))

@@ -21,7 +21,8 @@ from queue import Queue
 
 import numpy as np
 from celery import signals
-from celery_batches import Batches
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
 
 from shared.images import DecodeBudget
 from shared.jobstore import JobStore
@@ -32,7 +33,6 @@ from shared.queue import (
     WEBHOOK_TASK,
     FetchTask,
     celery_init_app,
-    enqueue,
     enqueue_webhooks,
     predict_jobs_of,
     tasks_of,
@@ -40,14 +40,9 @@ from shared.queue import (
 from shared.settings import Settings
 from shared.storage import ImageStore
 from worker.fetching import fetch_job
-from worker.janitor import (
-    rescue_dead_workers,
-    rescue_lost_tasks,
-    rescue_lost_webhooks,
-    sweep_expired_images,
-)
+from worker.janitor import run_pass, sweep_expired_images
 from worker.prediction import predict_jobs
-from worker.state import WorkerState, until_redis_answers
+from worker.state import WorkerState, requeue_tasks, until_redis_answers
 from worker.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
@@ -164,7 +159,11 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
 
     @signals.worker_ready.connect(weak=False)
     def start_beating(**_):
-        threading.Thread(target=_consumer_heartbeat, args=(state, received), daemon=True, name="consumer").start()
+        node = node_name()
+        threading.Thread(target=_consumer_heartbeat, args=(state, received, node), daemon=True, name="consumer").start()
+        threading.Thread(target=_janitor, args=(state, node), daemon=True, name="janitor").start()
+        if role == "fetch":
+            threading.Thread(target=_image_sweeper, args=(state, node), daemon=True, name="image-sweep").start()
 
     return app
 
@@ -202,16 +201,54 @@ class ReconnectingBatches(Batches):
     The same goes for batches already handed to the pool that no child had taken yet: on a lost
     connection Celery's consumer empties the pool's outgoing buffer ("the tasks will be
     redelivered by the broker anyway", AsynPool.flush), which the compose Redis-restart test
-    saw as 7 messages (112 jobs) held by a live worker that waited out the visibility timeout."""
+    saw as 7 messages (112 jobs) held by a live worker that waited out the visibility timeout.
+
+    And a batch whose pool child dies (the OOM killer, the hard time limit) is queued again at
+    once, and its messages acknowledged. celery-batches hands a batch to the pool without an
+    error callback, so those messages were neither acknowledged nor rejected: their jobs waited
+    for the visibility timeout (`task_reject_on_worker_lost` covers plain tasks only), and each
+    loss kept a prefetch slot, until enough kills left a worker that beat but took nothing."""
 
     def __init__(self):
         super().__init__()
         self._sent: list = []  # (pool job, its requests) handed to the pool and not finished
 
     def flush(self, requests):
-        job = super().flush(requests)
-        self._sent = [(j, rs) for j, rs in self._sent if not j.ready()] + [(job, list(requests))]
+        requests = list(requests)
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)  # what celery-batches sends
+
+        def on_return(_result):  # every task here is acks_late (create_worker_app)
+            for r in requests:
+                r.acknowledge()
+
+        def on_error(exc_info):
+            self.on_batch_lost(requests, exc_info)
+
+        job = self._pool.apply_async(
+            apply_batches_task, (self, serializable, 0, None), callback=on_return, error_callback=on_error
+        )
+        self._sent = [(j, rs) for j, rs in self._sent if not j.ready()] + [(job, requests)]
         return job
+
+    def on_batch_lost(self, requests, exc_info) -> None:
+        """The pool child running this batch died: queue its jobs again (they come back as
+        suspects, each run alone: worker.prediction), then let go of the messages. Called on the
+        worker's event loop, so one quick try: if Redis is away, the messages stay held, and the
+        jobs' deadlines bring them back."""
+        tasks = tasks_of(requests)
+        try:
+            requeue_tasks(self.app.state, tasks)
+        except Exception as exc:  # noqa: BLE001 - the deadline rule is the fallback
+            log.warning("pool child lost a batch; could not queue it again now: %s", exc)
+            return
+        for r in requests:
+            r.acknowledge()
+        log.warning(
+            "pool child lost a batch (%s): re-queued %d jobs",
+            getattr(exc_info, "exception", exc_info),
+            len(tasks),
+            extra={"job_ids": [t.job_id for t in tasks]},
+        )
 
     def Strategy(self, task, app, consumer):
         if self._tref is not None:
@@ -222,9 +259,8 @@ class ReconnectingBatches(Batches):
         self._buffer, self._pending, self._sent = Queue(), Queue(), []
         if stranded:
             tasks = tasks_of(stranded)
-            until_redis_answers(enqueue, app, tasks, [], deadline_s=60)
-            # Their old messages stay unacknowledged: say they were queued again (rescue_unrecorded_tasks).
-            until_redis_answers(app.state.store.touch_pending, [t.job_id for t in tasks], time.time(), deadline_s=60)
+            # Their old messages stay unacknowledged: the records say they were queued again.
+            until_redis_answers(requeue_tasks, app.state, tasks, deadline_s=60)
             log.warning("reconnected: re-queued %d buffered or unstarted tasks", len(tasks))
         return super().Strategy(task, app, consumer)
 
@@ -252,13 +288,12 @@ def _model_heartbeat(state: WorkerState) -> None:
         time.sleep(state.settings.worker_heartbeat_seconds)
 
 
-def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
+def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks, node: str) -> None:
     """Record what this process received as soon as it arrives (a worker killed a second after
-    taking its messages must have said which they were), beat, and, in one worker at a time,
-    do the housekeeping: a dead worker's jobs, lost tasks, and (fetch workers, who share the
-    image volume) expired images, hourly."""
-    s, node = state.settings, node_name()
-    keep = 2 * s.visibility_timeout  # by then a task is finished, or back with the broker
+    taking its messages must have said which they were), with the deadline of its jobs, and beat.
+    Nothing else runs here: a slow janitor pass or image sweep once made a live worker look dead."""
+    s = state.settings
+    keep = s.hold_deadline_seconds  # by then a task is finished, or its job is past its deadline
     pending: list[str] = []  # received, but not yet recorded (Redis was away)
     next_beat = 0.0
     while True:
@@ -267,16 +302,47 @@ def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks) -> None:
         pending += received.take()
         try:
             now = time.time()
-            state.store.record_consumer(node, now, pending, keep)
+            state.store.record_consumer(node, now, pending, keep, now + s.hold_deadline_seconds)
             pending = []
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + s.worker_heartbeat_seconds
-                if state.store.take_lock("janitor", node, s.worker_heartbeat_seconds):
-                    rescue_dead_workers(state, now)
-                    rescue_lost_tasks(state, now)
-                    rescue_lost_webhooks(state, now)
-                if s.worker_role == "fetch" and state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
-                    sweep_expired_images(state)
         except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
             log.debug("heartbeat failed: %s", exc)
             time.sleep(min(1.0, s.worker_heartbeat_seconds))
+
+
+# The janitor's lock outlives any pass (a pass handles at most a few hundred jobs), and is let
+# go at its end: it lived one heartbeat and was never released, so a long pass overlapped the next.
+JANITOR_LOCK_SECONDS = 60.0
+
+
+def _janitor(state: WorkerState, node: str) -> None:
+    """Once a heartbeat, in one worker process at a time: the janitor's pass (worker/janitor.py)."""
+    s = state.settings
+    reachable_since = time.monotonic()  # since when this process has reached Redis without a break
+    while True:
+        time.sleep(s.worker_heartbeat_seconds)
+        try:
+            if state.store.take_lock("janitor", node, JANITOR_LOCK_SECONDS):
+                try:
+                    # Judge other workers' silence only after a whole dead-worker period of our own
+                    # reaching Redis: after an outage, every other worker looked dead to the first
+                    # one back, and the janitor queued live workers' jobs again.
+                    judge = time.monotonic() - reachable_since > s.worker_dead_after_seconds
+                    run_pass(state, time.time(), judge_workers=judge)
+                finally:
+                    state.store.release_lock("janitor", node)
+        except Exception as exc:  # noqa: BLE001 - keep going through a Redis restart
+            log.debug("janitor pass failed: %s", exc)
+            reachable_since = time.monotonic()
+
+
+def _image_sweeper(state: WorkerState, node: str) -> None:
+    """Fetch workers share the image volume: one of them, hourly, deletes expired images."""
+    while True:
+        try:
+            if state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
+                sweep_expired_images(state)
+        except Exception as exc:  # noqa: BLE001 - try again next time
+            log.warning("image sweep failed: %s", exc)
+        time.sleep(60)

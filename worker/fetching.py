@@ -16,17 +16,27 @@ from shared.queue import FetchTask, PredictTask, enqueue
 from worker.state import WorkerState, fail, until_redis_answers
 
 log = logging.getLogger(__name__)
+# A fetch fails a job only while it is fetching: a second copy of the task may have fetched the
+# image meanwhile (the job is then queued, and its prediction must not be refused).
+FETCHING = ("fetching",)
 
 
 def fetch_job(state: WorkerState, task: FetchTask) -> None:
-    """Download a URL (SSRF-checked), check and store the image, then queue its prediction."""
+    """Download a URL (SSRF-checked), check and store the image, then queue its prediction.
+
+    Whatever else goes wrong here (a bug, a library's unexpected error) leaves the job to its
+    fetch deadline (worker/janitor.py): queued again, then failed after TASK_MAX_ATTEMPTS."""
     with job_context(job_id=task.job_id):
-        _fetch_job(state, task)
+        try:
+            _fetch_job(state, task)
+        except Exception:  # noqa: BLE001 - logged here; the job's deadline ends it
+            log.exception("fetch raised; the job's deadline will queue it again")
 
 
 def _fetch_job(state: WorkerState, task: FetchTask) -> None:
     store, s = state.store, state.settings
-    result, attempts = until_redis_answers(store.mark_fetching, task.job_id, write_id=new_id())
+    deadline = time.time() + s.fetch_deadline_seconds
+    result, attempts = until_redis_answers(store.mark_fetching, task.job_id, write_id=new_id(), deadline=deadline)
     if result != 1:
         return  # finished already, or expired
     if attempts > s.task_max_attempts:
@@ -35,6 +45,7 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
             [task.job_id],
             "poison",
             f"Fetching was attempted {attempts - 1} times and never finished; giving up on this URL.",
+            allowed_from=FETCHING,
         )
         return
     t0 = time.perf_counter()
@@ -50,11 +61,12 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
         image = prepare(data, budget=state.decode_budget, **s.image_limits())
     except (UrlRefused, ImageRefused) as exc:
         FETCH_FAILURES.labels(exc.code).inc()
-        fail(state, [task.job_id], exc.code, exc.message)
+        fail(state, [task.job_id], exc.code, exc.message, allowed_from=FETCHING)
         return
     except SoftTimeLimitExceeded:
         FETCH_FAILURES.labels("fetch_timeout").inc()
-        fail(state, [task.job_id], "fetch_timeout", f"Fetching took longer than {s.task_soft_time_limit:g} s.")
+        message = f"Fetching took longer than {s.task_soft_time_limit:g} s."
+        fail(state, [task.job_id], "fetch_timeout", message, allowed_from=FETCHING)
         return
     FETCH_LATENCY.observe(time.perf_counter() - t0)
     state.images.keep(image.sha256, data, image.thumbnail)

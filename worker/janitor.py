@@ -1,43 +1,52 @@
-"""Housekeeping one worker at a time does: re-queue the jobs of a worker that died, re-queue
-jobs whose task message was lost, and delete stored images past the retention period.
+"""Housekeeping one worker at a time does: the one rule that ends every job, and the deletion
+of stored images past the retention period.
 
-A worker that dies (SIGKILL, OOM, a lost machine) leaves the messages it had taken with the
-broker, unacknowledged, until the visibility timeout (60 s) brings them back. Every worker
-process records the task ids it receives with its heartbeat (worker/factory.py), so when its
-heartbeat stops for WORKER_DEAD_AFTER_SECONDS the unfinished ones are queued again at once,
-from the job records. Their old messages still come back later, and find the jobs finished.
-A worker records a task id some milliseconds after kombu hands it the message; one killed in
-between leaves an unacknowledged message that no worker recorded, and when its death is found,
-such jobs are queued again too.
+The rule: every unfinished job has a deadline (its score in `jobs:pending`), set by its last
+step: queued (its message sent), QUEUE_CHECK_SECONDS; taken by a worker, HOLD (it may wait
+behind one batch, then run as one); fetching, the fetch timeout and a margin; running, the task
+time limit and a margin (shared/settings.py). Past its deadline a job is queued again from its
+record (which keeps the preprocessed image or the URL until the job finishes), at most
+TASK_MAX_ATTEMPTS times; after that it fails with `abandoned` and a reason the user can read.
+Whatever broke on the way (a worker killed, a task body that raised, a message lost), the job
+ends in this rule. A spurious re-queue costs only work: results are written once.
 
-Kombu's Redis transport takes a message off the queue (BRPOP) and then, in a second command,
-records it as unacknowledged. If Redis goes away between the two, the message is gone while
-the job record still says queued: the soak test caught exactly that during a Redis restart.
-The job record is the source of truth (it keeps the preprocessed image or the URL until the
-job finishes), so a lost task is simply queued again. A job counts as lost when it has
-waited longer than twice the visibility timeout, is older than the oldest message still waiting in
-its queue (queues are first in, first out), and no worker holds its message. A spurious
-re-queue would cost only work: results are written once.
+Two things make the rule quicker than its deadlines, and one keeps it from firing too soon:
+- A job still waiting in its queue is not late: while its message is at or behind the queue's
+  oldest one (`queued_at` headers; queues are first in, first out), its deadline moves on. So a
+  long queue never counts against a job; a queued job's clock starts when its message is taken.
+- A worker that dies (SIGKILL, OOM, a lost machine) stops its heartbeat. Every worker process
+  records the task ids it receives with it (worker/factory.py), so after
+  WORKER_DEAD_AFTER_SECONDS its unfinished jobs are due at once, instead of after HOLD.
+- A worker records a task id some milliseconds after kombu's Redis transport hands it the
+  message; one killed in between leaves a message that no heartbeat names. When a death is
+  found, such messages (kombu's unacknowledged index) are due at once too. This reads the Redis
+  transport's internals and is needed only for it; without it they would wait for their
+  queued deadline, a few seconds more.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, FetchTask, PredictTask, enqueue, enqueue_webhooks
 from shared.schemas import FINAL_STATUSES, TOP_K_DEFAULT
+from shared.webhooks import MAX_ATTEMPTS as WEBHOOK_MAX_ATTEMPTS
+from worker.state import fail
 
 log = logging.getLogger(__name__)
 
+# A live worker records what it receives within milliseconds (20 ms of gathering, one write);
+# a message unrecorded after this long was taken by a process that died before it could.
+RECORD_GRACE_SECONDS = 5.0
+QUEUE_SLACK_SECONDS = 5.0
 
-def oldest_waiting(store, queue: str) -> float | None:
-    """When the oldest message still in `queue` was queued (inf if none; None if unknown)."""
-    task_id = store.oldest_waiting_task_id(queue)
-    if task_id == "":
-        return math.inf
-    return None if task_id is None else store.pending_score(task_id)
+
+def run_pass(state, now: float, judge_workers: bool) -> int:
+    """One janitor pass. judge_workers: this process has reached Redis for long enough to tell
+    a silent worker from its own outage (after one, every other worker looks silent)."""
+    due = rescue_dead_workers(state, now) if judge_workers else 0
+    return due + requeue_overdue(state, now) + rescue_lost_webhooks(state, now)
 
 
 def tasks_for(job_ids: list[str], records: list[dict]) -> tuple[list[PredictTask], list[FetchTask]]:
@@ -53,110 +62,124 @@ def tasks_for(job_ids: list[str], records: list[dict]) -> tuple[list[PredictTask
     return predictions, fetches
 
 
-def requeue(state, predictions: list[PredictTask], fetches: list[FetchTask], now: float, why: str) -> int:
-    """Queue these tasks again, mark their jobs as queued now, and say why in the log."""
+def _waiting_in_queue(rec: dict, heads: dict[str, float | None]) -> bool:
+    """The job's latest message is still in its queue: at or behind the oldest waiting one."""
+    head = heads[FETCH_QUEUE if rec["status"] == "fetching" else PREDICT_QUEUE]
+    # A head that does not say when it was queued (a message from before the header): wait.
+    # The slack: the web tier writes a job's record a moment before it sends the message, and
+    # clocks of two machines differ; a lost job within it is only found a look or two later.
+    return head is None or float(rec["queued_at"] or 0) >= head - QUEUE_SLACK_SECONDS
+
+
+def requeue_overdue(state, now: float | None = None) -> int:
+    """The rule: jobs past their deadline are queued again, or fail after TASK_MAX_ATTEMPTS."""
+    store, s = state.store, state.settings
+    now = time.time() if now is None else now
+    ids = store.overdue(now)
+    if not ids:
+        return 0
+    records = store.requeue_fields(ids)
+    heads = {q: store.queue_head_queued_at(q) for q in (PREDICT_QUEUE, FETCH_QUEUE)}
+    gone, waiting, late, late_records, abandoned = [], {}, [], [], []
+    for job_id, rec in zip(ids, records, strict=True):
+        if rec["status"] is None or rec["status"] in FINAL_STATUSES:
+            gone.append(job_id)  # expired, or finished by a write that raced this read
+        elif _waiting_in_queue(rec, heads):
+            # Look again after as long as it has waited so far: a long queue costs few looks.
+            waited = now - float(rec["queued_at"] or now)
+            waiting[job_id] = now + min(max(waited, 1.0), s.hold_deadline_seconds)
+        elif int(rec["requeues"] or 0) >= s.task_max_attempts:
+            abandoned.append(job_id)
+        else:
+            late.append(job_id)
+            late_records.append(rec)
+    store.forget_pending(gone)
+    store.postpone(waiting)
+    if abandoned:
+        fail(
+            state,
+            abandoned,
+            "abandoned",
+            f"The job's task was queued again {s.task_max_attempts} times after its worker died, stalled or "
+            "lost it, and never finished; giving up on it.",
+        )
+    return requeue(state, late, late_records, now, "past its deadline")
+
+
+def requeue(state, job_ids: list[str], records: list[dict], now: float, why: str) -> int:
+    """Queue these unfinished jobs' tasks again, count it on their records, and say why in the log."""
+    predictions, fetches = tasks_for(job_ids, records)
     if not predictions and not fetches:
         return 0
     enqueue(state.celery, predictions, fetches)
     ids = [t.job_id for t in predictions + fetches]
-    state.store.touch_pending(ids, now)
+    state.store.requeued(ids, now, rescued=True)
     log.warning("%s: re-queued %d tasks", why, len(ids), extra={"job_ids": ids})
     return len(ids)
 
 
 def rescue_dead_workers(state, now: float | None = None) -> int:
-    """Queue again the unfinished jobs of every worker whose heartbeat stopped."""
+    """Queue again at once the unfinished jobs of every worker whose heartbeat stopped."""
     store = state.store
     now = time.time() if now is None else now
     requeued = 0
     dead = store.silent_consumers(now - state.settings.worker_dead_after_seconds)
     for node in dead:
-        ids = store.held_by(node)
-        predictions, fetches = tasks_for(ids, store.requeue_fields(ids)) if ids else ([], [])
-        requeued += requeue(state, predictions, fetches, now, f"worker {node} stopped")
+        held = store.held_by(node)
+        requeued += _requeue_taken(state, held, now, f"worker {node} stopped")
         store.forget_consumer(node)
     if dead:  # a worker that died may have taken messages it had not recorded yet
         requeued += rescue_unrecorded_tasks(state, now)
     return requeued
 
 
-# A live worker records what it receives within milliseconds (20 ms of gathering, one write);
-# a message unrecorded after this long was taken by a process that died before it could.
-RECORD_GRACE_SECONDS = 5.0
+def _requeue_taken(state, taken: list[tuple[str, float]], now: float, why: str) -> int:
+    """Of these (job id, when a worker took its message), queue again the jobs still unfinished
+    and not queued again since they were taken."""
+    if not taken:
+        return 0
+    ids = [job_id for job_id, _ in taken]
+    records = state.store.requeue_fields(ids)
+    keep = [
+        (job_id, rec)
+        for (job_id, taken_at), rec in zip(taken, records, strict=True)
+        if rec["status"] is not None
+        and rec["status"] not in FINAL_STATUSES
+        and float(rec["queued_at"] or 0) <= taken_at
+    ]
+    return requeue(state, [j for j, _ in keep], [r for _, r in keep], now, why)
 
 
 def rescue_unrecorded_tasks(state, now: float | None = None) -> int:
-    """Queue again the unfinished jobs whose message a worker took but no live worker recorded.
+    """Queue again the unfinished jobs whose message a worker took but no live worker recorded
+    (kombu's Redis transport: its unacknowledged index says when it handed each one over).
 
     The compose kill test found it: 2 of the 128 messages the killed container held had been
-    handed over but not yet recorded, so the dead worker's held set did not name them, and they
-    waited for the visibility timeout (the batch finished 61 s after the kill instead of 12).
-    Only a worker that died leaves such messages, so rescue_dead_workers runs this when it finds
-    one; on every janitor pass it would read each message that a slow worker holds for more than
-    the grace, for nothing."""
+    handed over but not yet recorded, so the dead worker's held set did not name them."""
     store = state.store
     now = time.time() if now is None else now
     handed = store.unacknowledged_before(now - RECORD_GRACE_SECONDS)
     if not handed:
         return 0
     held = store.held_by_live_consumers(now - state.settings.worker_dead_after_seconds)
-    handed = [(job_id, at) for job_id, at in handed if job_id not in held]
-    ids = [job_id for job_id, _ in handed]
-    records, scores = store.requeue_fields(ids), store.pending_scores(ids)
-    orphans, orphan_records = [], []
-    for (job_id, delivered_at), rec, queued_at in zip(handed, records, scores, strict=True):
-        # Not pending: finished or expired. Queued after that delivery: already handled.
-        if rec["status"] not in FINAL_STATUSES and queued_at is not None and queued_at <= delivered_at:
-            orphans.append(job_id)
-            orphan_records.append(rec)
-    return requeue(state, *tasks_for(orphans, orphan_records), now, "taken by a worker but never recorded")
-
-
-def rescue_lost_tasks(state, now: float | None = None) -> int:
-    store = state.store
-    now = time.time() if now is None else now
-    vt = state.settings.visibility_timeout
-    # Twice the timeout: Celery's own redelivery gets the first chance (restored messages go
-    # to the far end of the queue, so "older than the oldest waiting" alone would catch them).
-    candidates = store.pending_before(now - 2 * vt)
-    if not candidates:
-        return 0
-    oldest = {q: oldest_waiting(store, q) for q in (PREDICT_QUEUE, FETCH_QUEUE)}
-    held = store.unacknowledged_task_ids()
-    predictions, fetches, gone = [], [], []
-    for (job_id, score), rec in zip(candidates, store.requeue_fields([j for j, _ in candidates]), strict=True):
-        top_k = int(rec["top_k"] or TOP_K_DEFAULT)
-        if rec["status"] is None or rec["status"] in FINAL_STATUSES:
-            gone.append(job_id)  # expired or finished: nothing to wait for
-        elif job_id in held and score > now - 3 * vt:
-            continue  # Celery redelivers it if its worker died; past three timeouts, stop trusting that
-        elif (
-            rec["status"] == "queued"
-            and rec["pixels"]
-            and oldest[PREDICT_QUEUE] is not None
-            and score < oldest[PREDICT_QUEUE]
-        ):
-            predictions.append(PredictTask(job_id, rec["pixels"], top_k))
-        elif (
-            rec["status"] == "fetching"
-            and not int(rec["fetch_attempts"] or 0)
-            and oldest[FETCH_QUEUE] is not None
-            and score < oldest[FETCH_QUEUE]
-        ):
-            fetches.append(FetchTask(job_id, rec["source"], top_k))
-    store.forget_pending(gone)
-    return requeue(state, predictions, fetches, now, "message lost")
+    return _requeue_taken(state, [(j, at) for j, at in handed if j not in held], now, "taken but never recorded")
 
 
 def rescue_lost_webhooks(state, now: float | None = None) -> int:
     """Queue again the webhooks that have been due for a while with nobody delivering them (the
-    task was lost, or its enqueueing failed when the batch finished)."""
+    task was lost, or its enqueueing failed when the batch finished). Each such loss counts as
+    an attempt, so that a delivery that keeps getting lost ends too (failed)."""
+    store = state.store
     now = time.time() if now is None else now
-    overdue = state.store.webhooks_overdue(now - 30)
-    if overdue:
-        enqueue_webhooks(state.celery, overdue)
-        state.store.reschedule_webhooks(overdue, now)
-        log.warning("re-queued %d webhooks", len(overdue), extra={"batch_ids": overdue})
+    overdue = store.webhooks_overdue(now - state.settings.webhook_timeout - 20)
+    again = []
+    for batch_id in overdue:
+        attempts = store.webhook_lost(batch_id, "The delivery was interrupted.", now, WEBHOOK_MAX_ATTEMPTS)
+        if attempts is not None:
+            again.append(batch_id)
+    if again:
+        enqueue_webhooks(state.celery, again)
+        log.warning("re-queued %d webhooks", len(again), extra={"batch_ids": again})
     return len(overdue)
 
 

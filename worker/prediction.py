@@ -15,9 +15,9 @@ from shared.images import decode_pixels
 from shared.jobstore import new_id
 from shared.metrics import BATCH_SIZE, MODEL_LATENCY
 from shared.modeldir import top_k
-from shared.queue import PredictTask, enqueue
+from shared.queue import PredictTask
 from shared.schemas import TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN
-from worker.state import WorkerState, count_outcomes, fail, until_redis_answers
+from worker.state import WorkerState, count_outcomes, fail, requeue_tasks, until_redis_answers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     """
     state.outcomes = {}
     job_ids = [m.get("job_id", "") for m in messages]  # a job twice: its second copy is refused
-    marks = until_redis_answers(state.store.mark_running, job_ids, write_id=new_id())
+    deadline = time.time() + state.settings.run_deadline_seconds
+    marks = until_redis_answers(state.store.mark_running, job_ids, write_id=new_id(), deadline=deadline)
     fresh, suspects = [], []
     for message, (result, attempts) in zip(messages, marks, strict=True):
         if result != 1:
@@ -55,7 +56,7 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
         (fresh if attempts <= 1 else suspects).append(item)
     if fresh and not predict_and_record(state, fresh):
         # The batch ran out of time: queue each job again; they come back as suspects.
-        until_redis_answers(enqueue, state.celery, [it.task for it in fresh], [])
+        until_redis_answers(requeue_tasks, state, [it.task for it in fresh])
     for item in suspects:
         solo = until_redis_answers(state.store.count_solo_attempt, item.job_id)
         if solo > state.settings.task_max_attempts:

@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis import RedisError
 
 from shared.images import DecodeBudget
 from shared.jobstore import JobStore, ResultCache, new_id
 from shared.metrics import JOBS_FINISHED
+from shared.queue import PredictTask, enqueue
 from shared.settings import Settings
 from shared.storage import ImageStore
 
@@ -34,17 +36,26 @@ class WorkerState:
 def until_redis_answers(fn, *args, deadline_s: float = 600.0, **kwargs):
     """Results must not be lost while Redis restarts: retry the write until it answers. A status
     change passes a write_id (new_id()), made once here, so that a retry of a write whose answer
-    was lost counts as that write (see JobStore.transition)."""
+    was lost counts as that write (see JobStore.transition). Publishing a task raises kombu's
+    OperationalError, not RedisError: retried too (a publish that failed once aborted the rest of
+    a batch whose results were written, and left its other jobs `running`)."""
     delay, deadline = 0.2, time.monotonic() + deadline_s
     while True:
         try:
             return fn(*args, **kwargs)
-        except RedisError as exc:
+        except (RedisError, OperationalError) as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def requeue_tasks(state: WorkerState, tasks: list[PredictTask]) -> None:
+    """Queue these jobs' predictions again now, and say so on their records (their deadlines
+    and the janitor's rules then go by the new message)."""
+    enqueue(state.celery, tasks, [])
+    state.store.requeued([t.job_id for t in tasks], time.time())
 
 
 def count_outcomes(
@@ -58,6 +69,7 @@ def count_outcomes(
             log.info("job %s", status, extra={"job_id": job_id, **({"error_code": code} if code else {})})
 
 
-def fail(state: WorkerState, job_ids: list[str], code: str, message: str) -> None:
-    written = until_redis_answers(state.store.fail, job_ids, code, message, write_id=new_id())
+def fail(state: WorkerState, job_ids: list[str], code: str, message: str, **only) -> None:
+    """Fail these jobs (`only`: JobStore.fail's allowed_from), counted and logged once each."""
+    written = until_redis_answers(state.store.fail, job_ids, code, message, write_id=new_id(), **only)
     count_outcomes(state, written, job_ids, "failed", code)

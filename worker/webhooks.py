@@ -33,8 +33,9 @@ def deliver_webhook(state: WorkerState, batch_id: str) -> None:
 def _deliver(state: WorkerState, batch_id: str) -> None:
     store, s = state.store, state.settings
     found = store.webhook_target(batch_id)
-    if found is None:
-        return  # delivered or given up already, or expired
+    if found is None:  # delivered or given up already, or expired: due no more
+        until_redis_answers(store.forget_webhook, batch_id)
+        return
     rec, url = found
     attempt = int(rec.get("webhook_attempts") or 0) + 1
     body = BatchSummary.from_record(rec).model_dump_json().encode()
@@ -49,7 +50,10 @@ def _deliver(state: WorkerState, batch_id: str) -> None:
             timeout=s.webhook_timeout,
             ca_bundle=s.fetch_ca_bundle,
         )
-    except DeliveryFailed as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is one attempt: counted, retried or given up
+        if not isinstance(exc, DeliveryFailed):
+            log.exception("webhook attempt raised", extra={"batch_id": batch_id})
+            exc = DeliveryFailed(f"The delivery failed ({type(exc).__name__}).", retry=True)
         if exc.retry and attempt < MAX_ATTEMPTS:
             delay = BACKOFF_SECONDS[attempt - 1]
             until_redis_answers(store.webhook_attempt, batch_id, exc.message, time.time() + delay)
