@@ -320,7 +320,9 @@ class JobStore:
             self.redis.hset(job_key(job_id), "image", image_sha)
         return result
 
-    def mark_running(self, job_ids: list[str], write_id: str = "", deadline: float | None = None) -> list[tuple[int, int]]:
+    def mark_running(
+        self, job_ids: list[str], write_id: str = "", deadline: float | None = None
+    ) -> list[tuple[int, int]]:
         """Prediction starts, to end by `deadline`; the counter is each job's prediction attempts
         so far. A URL job can be predicted before its fetcher records the fetch, hence "fetching"
         is allowed."""
@@ -442,9 +444,7 @@ class JobStore:
     def live_workers(self, since: float) -> list[str]:
         return self.redis.zrangebyscore(HEARTBEATS, since, "+inf")
 
-    def record_consumer(
-        self, node: str, now: float, received: list[str], keep_seconds: float, deadline: float
-    ) -> None:
+    def record_consumer(self, node: str, now: float, received: list[str], keep_seconds: float, deadline: float) -> None:
         """A worker process that takes tasks is alive and has received these task ids, whose
         jobs are due by `deadline`. Ids older than keep_seconds are dropped: their tasks are
         finished or past their deadline by then."""
