@@ -1,5 +1,7 @@
 """The fetch worker's job handling, in-process, with a real Redis: time limits and poison URLs."""
 
+import time
+
 import pytest
 from billiard.exceptions import SoftTimeLimitExceeded
 
@@ -41,3 +43,46 @@ def test_a_url_whose_fetch_never_finishes_fails_as_poison_after_bounded_attempts
     fetch_job(state, FetchTask(job_id, "https://example.com/a.jpg", 3))
     job = public_job(state.store, job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "poison"
+
+
+def test_a_second_copy_of_a_fetch_that_fails_does_not_fail_a_job_the_first_copy_fetched(state, monkeypatch):
+    """`fail` could move a job from `queued`: copy A fetched it (queued), copy B's fetch then
+    failed, and the job ended `failed` with its prediction refused."""
+    job_id = url_job(state)
+
+    def first_copy_finishes_then_this_one_fails(*a, **kw):
+        state.store.mark_fetched(job_id, "f" * 64, "AAAA")  # copy A, meanwhile
+        raise fetching.UrlRefused("fetch_failed", "The download broke off.", 502)
+
+    monkeypatch.setattr(fetching, "fetch", first_copy_finishes_then_this_one_fails)
+    fetch_job(state, FetchTask(job_id, "https://example.com/a.jpg", 3))
+    assert public_job(state.store, job_id)["status"] == "queued"
+
+
+def test_an_unexpected_error_in_a_fetch_leaves_the_job_to_its_deadline(state, monkeypatch):
+    """An error nobody expected was acknowledged with the job left `fetching` and no deadline."""
+    monkeypatch.setattr(fetching, "fetch", lambda *a, **kw: 1 / 0)
+    job_id = url_job(state)
+    fetch_job(state, FetchTask(job_id, "https://example.com/a.jpg", 3))
+    [deadline] = state.store.deadlines([job_id])
+    assert public_job(state.store, job_id)["status"] == "fetching"
+    assert 0 < deadline - time.time() <= state.settings.fetch_deadline_seconds
+
+
+def test_a_publish_that_fails_once_is_retried(monkeypatch):
+    """Publishing raises kombu's OperationalError, which until_redis_answers did not retry: a
+    publish that failed inside a batch's completion aborted the rest of the batch."""
+    from kombu.exceptions import OperationalError
+
+    from worker.state import until_redis_answers
+
+    calls = []
+
+    def publish():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return "sent"
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert until_redis_answers(publish) == "sent" and len(calls) == 2
