@@ -15,7 +15,7 @@ Every job belongs to a batch (a single-image submission is a batch of one).
   lock:<name>          short-lived locks: one janitor, one image sweep at a time
   web:secret-key       the web tier's shared secret when SECRET_KEY is not set
   cache:<key>          cached prediction results (ResultCache)
-  idem:<hash>          an idempotency key's claim and the answer it got (per client and key)
+  idem:<hash>          an idempotency key's claim, then the batch it created (per client and key)
   webhooks:due         sorted set: finished batches whose webhook is not delivered yet, by when due
 All job and batch keys expire after the retention period. Status changes go through one Lua
 script, so a record and its batch counts always change together, and a finished job never
@@ -32,7 +32,7 @@ import math
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -133,7 +133,7 @@ return 1
 # KEYS: the claim. ARGV: the request's fingerprint, the claim's lifetime (s). Returns the stored
 # claim ("" if this call made it): {fingerprint, batch answer or "" while being answered}.
 _CLAIM = """
-if redis.call('SET', KEYS[1], cjson.encode({fp = ARGV[1], answer = ''}), 'NX', 'EX', ARGV[2]) then return '' end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return '' end
 return redis.call('GET', KEYS[1])
 """
 
@@ -145,6 +145,23 @@ def _unacked_jobs(raw: str | None) -> list[str]:
         return job_ids_of(json.loads(raw)[0]["headers"])
     except (ValueError, KeyError, TypeError, IndexError):
         return []
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One request's claim on an idempotency key: `owner` tells it from a retry's claim."""
+
+    key: str
+    fingerprint: str
+    owner: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @property
+    def pending(self) -> str:
+        return json.dumps({"fp": self.fingerprint, "owner": self.owner})
+
+
+def _claim_key(key: str) -> str:
+    return f"idem:{key}"
 
 
 def now_iso() -> str:
@@ -198,9 +215,13 @@ class JobStore:
         return cls(client, retention_seconds)
 
     # --- writing ---------------------------------------------------------------------------
-    def create_batch(self, jobs: list[NewJob], top_k: int, webhook_url: str = "") -> tuple[str, list[dict]]:
-        """Write a batch and its jobs in one transaction: all of it is stored, or none.
-        Returns the batch id and the job records (without their pixels)."""
+    def create_batch(
+        self, jobs: list[NewJob], top_k: int, webhook_url: str = "", claim: Claim | None = None
+    ) -> tuple[str, list[dict]]:
+        """Write a batch and its jobs in one transaction: all of it is stored, or none. With an
+        idempotency claim, the claim is answered with the batch in the same transaction, so that
+        whatever fails after it, a retry finds this batch. Returns the batch id and the job
+        records (without their pixels)."""
         batch_id, created, queued_at = new_id(), now_iso(), time.time()
         records = [self._record(j, batch_id, created, top_k, queued_at) for j in jobs]
         counts = {f"n_{s}": 0 for s in STATUSES}
@@ -229,6 +250,8 @@ class JobStore:
             }
             if waiting:
                 p.zadd(PENDING, waiting)
+            if claim is not None:
+                p.set(_claim_key(claim.key), json.dumps({"fp": claim.fingerprint, "batch_id": batch_id}), ex=self.ttl)
             p.execute()
         return batch_id, [{k: v for k, v in r.items() if k != "pixels"} for r in records]
 
@@ -252,13 +275,15 @@ class JobStore:
             rec["pixels"] = job.pixels
         return rec
 
-    def delete_batch(self, batch_id: str, job_ids: list[str]) -> None:
-        self.redis.delete(
-            batch_key(batch_id),
-            batch_key(batch_id, "jobs"),
-            batch_key(batch_id, "changes"),
-            *[job_key(j) for j in job_ids],
-        )
+    def delete_batch(self, batch_id: str, job_ids: list[str], claim: Claim | None = None) -> None:
+        """Undo create_batch (its claim goes with it: a retry may create the batch again)."""
+        keys = [batch_key(batch_id), batch_key(batch_id, "jobs"), batch_key(batch_id, "changes")]
+        keys += [job_key(j) for j in job_ids] + ([_claim_key(claim.key)] if claim is not None else [])
+        with self.redis.pipeline(transaction=True) as p:
+            p.delete(*keys)
+            if job_ids:
+                p.zrem(PENDING, *job_ids)
+            p.execute()
         self.forget_pending(job_ids)
 
     def transition(
@@ -543,18 +568,21 @@ class JobStore:
         return bool(self.redis.ping())
 
     # --- idempotency keys -----------------------------------------------------------------------
-    def claim(self, key: str, fingerprint: str, seconds: int) -> dict | None:
-        """Claim an idempotency key for a request with this fingerprint. None: the claim is
-        ours (answer the request, then answer_claim, or drop_claim on failure). Otherwise the
-        stored claim: {"fp": fingerprint, "answer": the JSON answer, or "" while unanswered}."""
-        found = self._claim(keys=[f"idem:{key}"], args=[fingerprint, seconds])
+    def claim(self, claim: Claim, seconds: int) -> dict | None:
+        """Claim an idempotency key for one request. None: the claim is ours for `seconds` (create
+        the batch with it, or release it). Otherwise what the key holds: {"fp", "owner"} while
+        another request holds it, {"fp", "batch_id"} once its batch exists."""
+        found = self._claim(keys=[_claim_key(claim.key)], args=[claim.pending, seconds])
         return json.loads(found) if found else None
 
-    def answer_claim(self, key: str, fingerprint: str, answer: str, seconds: int) -> None:
-        self.redis.set(f"idem:{key}", json.dumps({"fp": fingerprint, "answer": answer}), ex=seconds)
+    def claimed(self, key: str) -> dict | None:
+        found = self.redis.get(_claim_key(key))
+        return json.loads(found) if found else None
 
-    def drop_claim(self, key: str) -> None:
-        self.redis.delete(f"idem:{key}")
+    def release_claim(self, claim: Claim) -> None:
+        """Let go of a claim that is still ours and unanswered (a claim that expired and went to
+        another request stays theirs)."""
+        self._release(keys=[_claim_key(claim.key)], args=[claim.pending])
 
     # --- webhooks -------------------------------------------------------------------------------
     def webhook_target(self, batch_id: str) -> tuple[dict, str] | None:

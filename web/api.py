@@ -18,7 +18,7 @@ from web import idempotency
 from web.errors import ApiError
 from web.extensions import submissions
 from web.openapi import build_openapi
-from web.submit import create_submission, parse_submission
+from web.submit import create_submission, parse_submission, prepare_submission, store_submission
 
 api = Blueprint("api", __name__)
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -67,41 +67,50 @@ def _json(model, status: int = 200, headers: dict | None = None):
 @api.post("/api/v1/batches")
 @submissions
 def post_batch():
-    def answer():
-        batch_id, records = create_submission(sub)
+    def answer(batch_id: str, records: list[dict]):
         body = BatchCreated(
             batch_id=batch_id, jobs=[JobSummary.from_record(r) for r in records], links=_batch_links(batch_id)
         )
         return body.model_dump(mode="json"), body.links.self
 
-    sub = parse_submission(request, _ext("settings"), single=False)
-    return _submitted(sub, answer)
+    return _submitted(parse_submission(request, _ext("settings"), single=False), answer)
 
 
 @api.post("/api/v1/jobs")
 @submissions
 def post_job():
-    def answer():
-        batch_id, [record] = create_submission(sub)
+    def answer(batch_id: str, records: list[dict]):
+        [record] = records
         links = Links(
             self=url_for("api.get_job", job_id=record["job_id"]), batch=url_for("api.get_batch", batch_id=batch_id)
         )
         return JobCreated.from_record(record, links=links).model_dump(mode="json"), links.self
 
-    sub = parse_submission(request, _ext("settings"), single=True)
-    return _submitted(sub, answer)
+    return _submitted(parse_submission(request, _ext("settings"), single=True), answer)
 
 
 def _submitted(sub, answer):
-    """A 202 with the answer; with an Idempotency-Key, the first answer for that key."""
+    """A 202 with the answer; with an Idempotency-Key, the batch that key created first (as it
+    is now: a replay shows the jobs' current statuses)."""
     key = request.headers.get(idempotency.HEADER)
     if key is None:
-        body, location = answer()
-        headers = {"Location": location}
-    else:
-        body, location, replayed = idempotency.answer_once(key, sub.fingerprint(request.path), answer)
-        headers = {"Location": location, idempotency.REPLAY_HEADER: "true" if replayed else "false"}
-    return jsonify(body), 202, headers
+        body, location = answer(*create_submission(sub))
+        return jsonify(body), 202, {"Location": location}
+
+    def replay(batch_id: str):
+        found = _ext("jobs").get_batch(batch_id)
+        if found is None:  # the claim and its batch expire together; a race with expiry only
+            raise ApiError(404, "batch_not_found", f"The batch of this {idempotency.HEADER} has expired.")
+        return answer(batch_id, found[1])
+
+    body, location, replayed = idempotency.answer_once(
+        key,
+        sub.fingerprint(request.path),
+        lambda: prepare_submission(sub),
+        lambda prepared, claim: answer(*store_submission(sub, prepared, claim)),
+        replay,
+    )
+    return jsonify(body), 202, {"Location": location, idempotency.REPLAY_HEADER: "true" if replayed else "false"}
 
 
 @api.post("/api/v1/batches/<batch_id>/cancel")

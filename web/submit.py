@@ -15,7 +15,7 @@ from werkzeug.datastructures import FileStorage
 
 from shared.fetch import UrlRefused, check_url
 from shared.images import DecodeBudget, ImageRefused, PreparedImage, decode_cost, prepare
-from shared.jobstore import NewJob
+from shared.jobstore import Claim, NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from shared.queue import FetchTask, PredictTask, enqueue
 from shared.schemas import TOP_K_DEFAULT, UrlSubmission, top_k_adapter
@@ -149,52 +149,85 @@ def _upload(f: FileStorage, settings: Settings) -> Upload:
     return Upload(name, data)
 
 
-def create_submission(sub: Submission) -> tuple[str, list[dict]]:
-    """Check every item, write the records, queue the work, then store the images (so that
-    nothing is stored when Redis refuses). Returns (batch_id, job records)."""
+@dataclass
+class PreparedJob:
+    """One item of a submission, checked: its new record, and an upload's decoded image with
+    the bytes it came as (kept once the batch is queued)."""
+
+    job: NewJob
+    image: PreparedImage | None = None
+    original: bytes = b""
+
+
+def prepare_submission(sub: Submission) -> list[PreparedJob]:
+    """Check and decode every item (the slow part, before anything is stored): an item that
+    fails becomes a failed job with its reason; if every item fails, the request does."""
     settings: Settings = current_app.extensions["settings"]
-    items, top_k = sub.items, sub.top_k
-    new_jobs, prepared, first_error = [], {}, None  # prepared: item index -> PreparedImage
     decode = _RequestDecoder(settings, current_app.extensions["decode_budget"])
-    for i, item in enumerate(items):
+    prepared, first_error = [], None
+    for item in sub.items:
         try:
             if isinstance(item, Url):
                 check_url(item.url, settings.fetch_allow_hosts, resolve=False)
-                new_jobs.append(NewJob("url", item.url, status="fetching"))
+                prepared.append(PreparedJob(NewJob("url", item.url, status="fetching")))
             else:
-                prepared[i] = image = decode(item)
-                new_jobs.append(NewJob("upload", item.filename, image.sha256, pixels=image.pixels_b64))
+                image = decode(item)
+                job = NewJob("upload", item.filename, image.sha256, pixels=image.pixels_b64)
+                prepared.append(PreparedJob(job, image, item.data))
         except (ImageRefused, UrlRefused) as exc:
             first_error = first_error or exc
             source = ("upload", item.filename) if isinstance(item, Upload) else ("url", item.url[:2048])
-            new_jobs.append(NewJob(*source, status="failed", error_code=exc.code, error_message=exc.message))
-    if first_error is not None and all(j.status == "failed" for j in new_jobs):
+            prepared.append(
+                PreparedJob(NewJob(*source, status="failed", error_code=exc.code, error_message=exc.message))
+            )
+    if first_error is not None and all(p.job.status == "failed" for p in prepared):
         # Nothing usable at all: answer with the reason instead of a batch of failures.
         raise ApiError(first_error.status, first_error.code, first_error.message)
+    return prepared
 
+
+def store_submission(
+    sub: Submission, prepared: list[PreparedJob], claim: Claim | None = None
+) -> tuple[str, list[dict]]:
+    """Write the records (answering the idempotency claim with them), queue the work, then keep
+    the images. If queueing fails, the batch is taken back and the client gets a 503 (nothing
+    stored); if taking it back fails too, the batch stays and is answered: its jobs are queued
+    again from their records when their deadlines pass (worker/janitor.py), like any lost
+    message. Returns (batch_id, job records)."""
     store = current_app.extensions["jobs"]
-    batch_id, records = store.create_batch(new_jobs, top_k, sub.webhook_url)
+    batch_id, records = store.create_batch([p.job for p in prepared], sub.top_k, sub.webhook_url, claim)
     try:
         enqueue(
             current_app.extensions["celery"],
-            [PredictTask(records[i]["job_id"], new_jobs[i].pixels, top_k) for i in prepared],
-            [FetchTask(r["job_id"], r["source"], top_k) for r in records if r["status"] == "fetching"],
+            [
+                PredictTask(r["job_id"], p.job.pixels, sub.top_k)
+                for p, r in zip(prepared, records, strict=True)
+                if p.image
+            ],
+            [FetchTask(r["job_id"], r["source"], sub.top_k) for r in records if r["status"] == "fetching"],
         )
     except (OperationalError, RedisError, OSError) as exc:
         log.warning("could not queue batch %s: %s", batch_id, exc)
         try:
-            store.delete_batch(batch_id, [r["job_id"] for r in records])
+            store.delete_batch(batch_id, [r["job_id"] for r in records], claim)
         except RedisError:
-            pass  # Redis is gone: the 503 tells the client; the records expire with retention
-        raise unavailable("nothing was queued") from None
-    for i, image in prepared.items():
-        current_app.extensions["images"].keep(image.sha256, items[i].data, image.thumbnail)
+            log.warning("batch %s is stored but not queued: its deadlines will queue it", batch_id)
+        else:
+            raise unavailable("nothing was queued") from None
+    for p in prepared:
+        if p.image is not None:
+            current_app.extensions["images"].keep(p.image.sha256, p.original, p.image.thumbnail)
     for r in records:
         JOBS_SUBMITTED.labels(r["source_type"]).inc()
         if r["status"] == "failed":
             JOBS_FINISHED.labels("failed", r["error_code"]).inc()
     log.info("batch submitted", extra={"batch_id": batch_id, "jobs": len(records)})
     return batch_id, records
+
+
+def create_submission(sub: Submission) -> tuple[str, list[dict]]:
+    """A submission without an idempotency key: prepare it, then store it."""
+    return store_submission(sub, prepare_submission(sub))
 
 
 class _RequestDecoder:

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from redis import RedisError
 
 from shared.images import decode_pixels, preprocess
 from shared.queue import celery_init_app
@@ -115,6 +116,75 @@ def test_an_empty_file_with_an_idempotency_key_fails_alone_not_500(client, app):
     assert first.status_code == again.status_code == 202, first.get_json()
     assert [j["status"] for j in first.get_json()["jobs"]] == ["failed", "queued"]
     assert again.get_json() == first.get_json() and len(queued_tasks(app)) == 1
+
+
+def batches_stored(app) -> int:
+    return len([k for k in app.extensions["jobs"].redis.keys("batch:*") if k.count(":") == 1])
+
+
+def test_a_failure_after_the_batch_is_written_keeps_the_idempotency_key(client, app, monkeypatch):
+    """Issue 21, defect 7: the claim was dropped on any exception, even after the batch was
+    created and queued (a RedisError while answering gave a 503, and the client's retry made a
+    second batch). The key is now answered in the batch's own transaction."""
+    images, calls = app.extensions["images"], []
+
+    def keep_fails_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RedisError("connection lost while answering")
+        return type(images).keep(images, *args)
+
+    monkeypatch.setattr(images, "keep", keep_fails_once)
+    headers = {"Idempotency-Key": "after-create"}
+    first = upload(client, [("a.png", noise_png(1))], headers=headers)
+    assert first.status_code == 503
+    again = upload(client, [("a.png", noise_png(1))], headers=headers)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert batches_stored(app) == 1 and len(queued_tasks(app)) == 1
+
+
+def test_the_claim_is_not_held_while_a_slow_request_decodes(settings_factory, monkeypatch):
+    """Issue 21, defect 7: the claim (60 s) was taken before the images were decoded, so a
+    request slower than that lost it and a retry made a second batch. Decoding holds no claim
+    now; the claim covers only writing the batch."""
+    from web import idempotency, submit
+
+    monkeypatch.setattr(idempotency, "CLAIM_SECONDS", 1)
+    decode = submit._RequestDecoder.__call__
+
+    def slow(self, item):
+        time.sleep(1.5)  # longer than the claim lives
+        return decode(self, item)
+
+    monkeypatch.setattr(submit._RequestDecoder, "__call__", slow)
+    app = create_app(settings_factory())
+    answers = []
+
+    def send(delay):
+        time.sleep(delay)
+        answers.append(upload(app.test_client(), [("a.png", noise_png(1))], headers={"Idempotency-Key": "slow"}))
+
+    threads = [threading.Thread(target=send, args=(d,)) for d in (0, 1.2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.status_code for a in answers] == [202, 202]
+    assert len({a.get_json()["batch_id"] for a in answers}) == 1
+    assert batches_stored(app) == 1 and len(queued_tasks(app)) == 1
+
+
+def test_a_failed_queueing_lets_the_key_go_and_a_retry_creates_the_batch(settings_factory):
+    settings = settings_factory()
+    app = create_app(settings)
+    working = app.extensions["celery"]
+    app.extensions["celery"] = celery_init_app(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    headers = {"Idempotency-Key": "broker-down"}
+    assert upload(app.test_client(), [("a.png", noise_png(1))], headers=headers).status_code == 503
+    app.extensions["celery"] = working
+    again = upload(app.test_client(), [("a.png", noise_png(1))], headers=headers)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "false"
+    assert batches_stored(app) == 1 and len(queued_tasks(app)) == 1
 
 
 @pytest.mark.parametrize(
