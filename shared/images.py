@@ -74,8 +74,25 @@ JPEG_MIN_BITS_PER_PIXEL = 0.02
 SHRINK_ABOVE_SIDE = 1024
 
 
+# What decoding an image peaks at, in bytes per pixel of the decode, by the mode it decodes to:
+# the decode itself plus the copies made before it is shrunk (measured at 4000x4000 and rounded
+# up; tests/shared/test_decode_memory.py checks each against a real decode). 16-bit greyscale
+# costs 6 through its lookup path (the float64 path it replaced peaked at 28).
+DECODE_BYTES_PER_PIXEL = {"1": 2, "L": 2, "I;16": 6, "RGB": 5, "YCbCr": 5, "CMYK": 5, "I": 5, "F": 5}
+DECODE_BYTES_PER_PIXEL |= dict.fromkeys(("P", "PA", "LA", "La", "RGBA", "RGBa"), 10)  # made RGBA first
+OTHER_DECODE_BYTES_PER_PIXEL = 12  # 16-bit byte orders Pillow converts through 32 bits, and the rest
+# WebP and AVIF decode into their library's own buffer, which Pillow then copies.
+FORMAT_DECODE_BYTES_PER_PIXEL = {"WEBP": 17, "AVIF": 12}
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    pixels: int  # how long the decode takes grows with these (MAX_REQUEST_DECODE_PIXELS)
+    bytes: int  # the memory it peaks at (the process's DecodeBudget)
+
+
 class DecodeBudget:
-    """At most `limit` pixels being decoded at once in this process: many threads decoding large
+    """At most `limit` bytes of decoding at once in this process: many threads decoding large
     images at the same time would otherwise add up to gigabytes. One image larger than the whole
     budget still runs, alone."""
 
@@ -83,22 +100,22 @@ class DecodeBudget:
         self.limit, self.used, self._cond = limit, 0, threading.Condition()
 
     @contextmanager
-    def reserve(self, pixels: int):
-        pixels = min(pixels, self.limit)
+    def reserve(self, nbytes: int):
+        nbytes = min(nbytes, self.limit)
         with self._cond:
-            self._cond.wait_for(lambda: self.used + pixels <= self.limit)
-            self.used += pixels
+            self._cond.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
         try:
             yield
         finally:
             with self._cond:
-                self.used -= pixels
+                self.used -= nbytes
                 self._cond.notify_all()
 
 
-def decode_cost(data: bytes, max_pixels: int = 50_000_000, max_full_pixels: int = 16_000_000) -> int:
-    """The pixels decoding this image takes (JPEG: at the reduced scale it is decoded at), read
-    from its header alone; raises ImageRefused for what check_image would refuse on sight."""
+def decode_cost(data: bytes, max_pixels: int = 50_000_000, max_full_pixels: int = 16_000_000) -> DecodeCost:
+    """What decoding this image takes (JPEG: at the reduced scale it is decoded at), read from
+    its header alone; raises ImageRefused for what check_image would refuse on sight."""
     return _open_checked(data, max_pixels, max_full_pixels)[1]
 
 
@@ -112,11 +129,11 @@ def check_image(
     photo costs what a 1 MP one does)."""
     with _pillow_errors_refused(max_pixels):
         img, cost = _open_checked(data, max_pixels, max_full_pixels)
-        with budget.reserve(cost) if budget else nullcontext():
+        with budget.reserve(cost.bytes) if budget else nullcontext():
             img.load()  # truncated or corrupt data fails here, not later
             fmt = img.format
-            img = _to_rgb(ImageOps.exif_transpose(_shrink(img)))
-    if cost > 4_000_000:
+            img = _to_rgb(ImageOps.exif_transpose(_shrink(_reducible(img))))
+    if cost.bytes > 16_000_000:
         release_freed_memory()
     return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
 
@@ -152,7 +169,7 @@ def _pillow_errors_refused(max_pixels: int):
         raise ImageRefused("corrupt_image", f"The image could not be decoded ({exc}).") from None
 
 
-def _open_checked(data: bytes, max_pixels: int, max_full_pixels: int) -> tuple[Image.Image, int]:
+def _open_checked(data: bytes, max_pixels: int, max_full_pixels: int) -> tuple[Image.Image, DecodeCost]:
     """The image opened (header only, nothing decoded yet) and what decoding it will cost."""
     if not data:
         raise ImageRefused("empty_file", "The file is empty.", 400)
@@ -188,13 +205,37 @@ def _open_checked(data: bytes, max_pixels: int, max_full_pixels: int) -> tuple[I
             f" pixels and the limit for them is {max_full_pixels:,} (JPEG photos may be larger).",
             413,
         )
-    return img, img.size[0] * img.size[1]
+    pixels = img.size[0] * img.size[1]
+    per_pixel = max(
+        DECODE_BYTES_PER_PIXEL.get(img.mode, OTHER_DECODE_BYTES_PER_PIXEL),
+        FORMAT_DECODE_BYTES_PER_PIXEL.get(img.format, 0),
+    )
+    return img, DecodeCost(pixels, pixels * per_pixel)
+
+
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "I", "F")
+
+
+def _reducible(img: Image.Image) -> Image.Image:
+    """The full-size decode in a mode that reduce() takes, made before anything else copies it:
+    16-bit greyscale through a lookup table to 8 bits (1 byte a pixel, where the float64 path
+    took 28), a palette expanded (keeping its transparency), 1-bit to greyscale."""
+    if img.mode.startswith("I;16"):
+        if img.mode != "I;16":  # Pillow scales only native-order 16 bits; the rest go through 32
+            img = img.convert("I")
+        top = 65535.0 if img.getextrema()[1] > 255 else 255.0  # 8-bit data stored in 16 bits stays
+        return img.point(lambda v: v * (255.0 / top) + 0.5).convert("L")  # convert clips to 0..255
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode == "1":
+        return img.convert("L")
+    return img
 
 
 def _shrink(img: Image.Image) -> Image.Image:
     """An integer box reduce of a large full-size decode, keeping the short side >= 512 px."""
     factor = min(img.size) // (SHRINK_ABOVE_SIDE // 2)
-    if max(img.size) <= SHRINK_ABOVE_SIDE or factor < 2 or img.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK"):
+    if max(img.size) <= SHRINK_ABOVE_SIDE or factor < 2 or img.mode not in _REDUCIBLE_MODES:
         return img
     return img.reduce(factor)
 
@@ -215,15 +256,11 @@ except (OSError, AttributeError):
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB, without the classic colour bugs."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) greyscale: scale to 8 bits; .convert("L") would clip to white.
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "F" and a.max() > 255 else 255.0
-        if img.mode == "F" and a.max() <= 1.0:
-            top = 1.0
-        img = Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if img.mode in ("I", "F"):
+        # 32-bit greyscale (already shrunk): scale to 8 bits; .convert("L") alone would clip to white.
+        high = img.getextrema()[1]
+        top = (1.0 if high <= 1.0 else 255.0) if img.mode == "F" else (65535.0 if high > 255 else 255.0)
+        img = img.point(lambda v: v * (255.0 / top) + 0.5).convert("L")  # convert clips to 0..255
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Composite transparent pixels on white, as a browser shows them.
         rgba = img.convert("RGBA")

@@ -44,7 +44,7 @@ class Settings:
     max_image_pixels: int = 50_000_000  # declared size of any image (a 50 MP phone photo passes)
     max_full_decode_pixels: int = 16_000_000  # formats decoded at full size: all but JPEG (4K screenshots pass)
     max_request_decode_pixels: int = 64_000_000  # what one request's images may cost to decode, in all
-    decode_budget_pixels: int = 64_000_000  # pixels being decoded at once in one process (threads wait)
+    decode_budget_bytes: int = 320_000_000  # memory of the decodes running at once in one process (others wait)
     max_batch_items: int = 1000
     retention_days: float = 7.0  # job records and stored images expire after this
     web_processes: int = 2  # gunicorn worker processes of the web tier

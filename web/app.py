@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         jobs=store,
         images=ImageStore(settings.storage_dir),
         celery=celery_init_app(settings),
-        decode_budget=DecodeBudget(settings.decode_budget_pixels),
+        decode_budget=DecodeBudget(settings.decode_budget_bytes),
         long_polls=Slots(settings.long_poll_max_waiters),
     )
     if settings.trusted_proxies:

@@ -242,7 +242,7 @@ class _RequestDecoder:
         if item.refusal is not None:
             raise item.refusal
         limits = self.settings.image_limits()
-        cost = decode_cost(item.data, **limits)
+        cost = decode_cost(item.data, **limits).pixels  # the time this request spends decoding
         if self.spent + cost > self.settings.max_request_decode_pixels:
             raise ImageRefused(
                 "too_many_pixels",

@@ -103,7 +103,7 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         JobStore.from_url(settings.redis_url, settings.retention_seconds),
         ImageStore(settings.storage_dir),
         app,
-        decode_budget=DecodeBudget(settings.decode_budget_pixels),
+        decode_budget=DecodeBudget(settings.decode_budget_bytes),
     )
     app.state = state
     received = ReceivedTasks()

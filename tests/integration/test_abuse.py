@@ -145,7 +145,7 @@ def test_a_fetch_process_decodes_large_images_within_its_budget(stack_factory, t
     server = ImageServer([big_png(4000)], delay=0.0)
     try:
         stack = stack_factory(
-            fetch_allow_hosts=frozenset({f"127.0.0.1:{server.port}"}), decode_budget_pixels=16_000_000
+            fetch_allow_hosts=frozenset({f"127.0.0.1:{server.port}"}), decode_budget_bytes=160_000_000
         )
         worker = stack.add_worker("fetch")
         wait_until(lambda: len(psutil.Process(worker.pid).children()) >= 2, 30, "the fetch workers")
