@@ -35,16 +35,18 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     """Predict the jobs of one task batch and record each result exactly once; returns what was
     written, job id -> (final status, error code).
 
-    First deliveries are predicted together, in one model call. A job delivered again was in a
-    batch whose worker died or timed out: it is a suspect, and runs alone, so that an image
-    that kills or hangs the model takes down only itself and, after TASK_MAX_ATTEMPTS solo
-    runs, fails as `poison` instead of looping.
+    First deliveries are predicted together, in one model call. A job delivered a second time
+    was in a batch whose worker died or timed out: those run together once more, in a call of
+    their own (most such losses are the OOM killer or a crashed machine, not the images, and a
+    600-image batch run one image at a time took 25 s to recover on Zen 4). A job delivered a
+    third time is a suspect and runs alone, so that an image that kills or hangs the model
+    takes down only itself and, after TASK_MAX_ATTEMPTS solo runs, fails as `poison`.
     """
     state.outcomes = {}
     job_ids = [m.get("job_id", "") for m in messages]  # a job twice: its second copy is refused
     deadline = time.time() + state.settings.run_deadline_seconds
     marks = until_redis_answers(state.store.mark_running, job_ids, write_id=new_id(), deadline=deadline)
-    fresh, suspects = [], []
+    fresh, again, suspects = [], [], []
     for message, (result, attempts) in zip(messages, marks, strict=True):
         if result != 1:
             continue  # finished already (a duplicate delivery) or expired: nothing to do
@@ -53,10 +55,11 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
         except (KeyError, ValueError, TypeError):
             fail(state, [message["job_id"]], "bad_task", "The task message was malformed.")
             continue
-        (fresh if attempts <= 1 else suspects).append(item)
-    if fresh and not predict_and_record(state, fresh):
-        # The batch ran out of time: queue each job again; they come back as suspects.
-        until_redis_answers(requeue_tasks, state, [it.task for it in fresh])
+        (fresh if attempts <= 1 else again if attempts == 2 else suspects).append(item)
+    for group in (fresh, again):
+        if group and not predict_and_record(state, group):
+            # The call ran out of time: queue each job again; they come back one step further.
+            until_redis_answers(requeue_tasks, state, [it.task for it in group])
     for item in suspects:
         solo = until_redis_answers(state.store.count_solo_attempt, item.job_id)
         if solo > state.settings.task_max_attempts:
