@@ -4,6 +4,7 @@ helpers, metric parsing and wait loops. Fixtures that use these live in conftest
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import os
@@ -310,3 +311,8 @@ def train_tiny(root, *options: str):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return archive, out, run.stdout
+
+
+def parse_time(iso: str) -> float:
+    """A record's ISO 8601 time (finished_at, ...) as a Unix time."""
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

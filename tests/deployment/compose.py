@@ -3,7 +3,6 @@ the test images. The fixtures that build and run the stack are in conftest.py.""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import time
@@ -88,10 +87,6 @@ def finished_in_log(log: str) -> Counter:
             if rec.get("event") in ("job done", "job failed") and rec.get("job_id"):
                 written[rec["job_id"]] += 1
     return written
-
-
-def parse_time(iso: str) -> float:
-    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 # --- the running stack -------------------------------------------------------------------------

@@ -35,13 +35,14 @@ from tests.deployment.compose import (
     as_files,
     docker,
     finished_in_log,
-    parse_time,
     wait_ready,
 )
+from tests.helpers import parse_time
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
-RECOVERY_TARGET_S = 20.0
+RECOVERY_TARGET_S = 15.0  # a killed worker container's jobs all done (issue 21)
+REDIS_RECOVERY_TARGET_S = 20.0  # a Redis restart's batch done
 
 
 def _written(stack: Stack) -> Counter:
@@ -315,7 +316,7 @@ def test_no_job_is_lost_or_duplicated_when_a_worker_container_is_killed(stack, w
     assert int(docker("inspect", "-f", "{{.RestartCount}}", worker_kill["victim"])) >= 1
 
 
-def test_killed_workers_jobs_finish_within_20_s_of_the_kill(worker_kill):
+def test_killed_workers_jobs_finish_within_15_s_of_the_kill(worker_kill):
     """It failed in about half the runs, at 61-63 s: the visibility timeout. The killed worker
     had been handed one or two messages it had not yet recorded (it records what it receives
     some milliseconds later), so the janitor never re-queued those jobs; the janitor now queues
@@ -360,7 +361,14 @@ def redis_restart(stack, test_images, worker_kill):
     FIGURES["redis_batch_s"] = round(time.monotonic() - t0, 1)
     last = max(parse_time(j["finished_at"]) for j in batch["jobs"])
     FIGURES["redis_recovery_s"] = round(last - restarted_at, 1)
-    return dict(submitted=submitted, batch=batch, caught_in_flight=last > back_at)
+    return dict(submitted=submitted, batch=batch, caught_in_flight=last > back_at, recovery=last - restarted_at)
+
+
+def test_a_redis_restarts_batch_is_done_within_20_s(redis_restart):
+    recovery = redis_restart["recovery"]
+    assert recovery <= REDIS_RECOVERY_TARGET_S, (
+        f"the batch finished {recovery:.1f} s after the Redis restart (target {REDIS_RECOVERY_TARGET_S:.0f} s)"
+    )
 
 
 def test_no_job_is_lost_or_duplicated_across_a_redis_restart(stack, redis_restart):

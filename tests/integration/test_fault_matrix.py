@@ -1,7 +1,7 @@
 """The fault matrix of issue 21: every job ends, whatever breaks, within a bound, written once.
 
 Real redis-server, real `python -m worker` processes, the web tier over HTTP, and servers on
-loopback that break mid-answer (tests/badservers.py). The visibility timeout is the default
+loopback that break mid-answer (tools/badservers.py). The visibility timeout is the default
 (300 s) throughout: a recovery that leaned on it would blow every bound here.
 """
 
@@ -14,8 +14,8 @@ import psutil
 import pytest
 import requests
 
-from tests.badservers import BreakingServer
-from tests.helpers import RedisServer, Stack, noise_png, post_images, wait_until
+from tests.helpers import RedisServer, Stack, noise_png, parse_time, post_images, wait_until
+from tools.badservers import BreakingServer
 
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -106,19 +106,22 @@ def test_a_pool_child_killed_mid_batch_costs_its_batch_seconds_not_the_visibilit
     wait_until(lambda: stack.get_batch(batch_id)["counts"]["done"] >= 64, 60, "the first results")
     child = pool_child(worker)
     child.kill()  # as the OOM killer would
-    killed = time.monotonic()
+    killed = time.time()
     assert stack.get_batch(batch_id)["counts"]["done"] < 600  # the kill landed mid-batch
     batch = stack.wait_batch(batch_id, timeout=60)
-    recovered = time.monotonic() - killed
     assert batch["counts"]["done"] == 600, batch["counts"]
     written = results_written(stack)
     assert len(written) == 600 and set(written.values()) == {1}  # each result written once
     assert worker.poll() is None  # the worker lives on with a new pool child
-    print(f"pool child killed: batch done {recovered:.1f} s later")
-    # A new child loads the model, then the lost batch runs one image at a time (suspects, each
-    # a model call slowed by 0.3 s here): 24.7 s seen on Zen 4 with 0.5 s; before the fix, the
-    # visibility timeout (300 s).
-    assert recovered < 40, recovered
+    lost = [j for j in batch["jobs"] if j["attempts"] >= 2]  # the killed child's: started twice
+    assert lost
+    recovered = max(parse_time(j["finished_at"]) for j in lost) - killed
+    finished = max(parse_time(j["finished_at"]) for j in batch["jobs"]) - killed
+    print(f"pool child killed: its {len(lost)} jobs done {recovered:.1f} s later, the batch {finished:.1f} s")
+    # A new child loads the model, then the lost jobs run again as one group (each model call
+    # slowed by 0.3 s here). Before the fix: the visibility timeout (300 s); with the lost jobs
+    # run one at a time, 24.7 s on Zen 4 for the whole batch.
+    assert recovered <= 15, recovered
 
 
 @pytest.fixture
@@ -146,10 +149,12 @@ def test_a_redis_outage_longer_than_the_dead_worker_threshold_fails_nothing_and_
         aof_redis.start()
         back = time.monotonic()
         batch = stack.wait_batch(batch_id, timeout=120)
+        recovered = time.monotonic() - back
         assert batch["counts"]["done"] == 400, batch["counts"]  # none failed, none left unfinished
         assert "stopped: re-queued" not in stack.worker_logs(full=True)  # no live worker judged dead
         written = results_written(stack)
         assert set(written.values()) == {1}
-        print(f"redis outage: batch done {time.monotonic() - back:.1f} s after Redis was back")
+        print(f"redis outage: batch done {recovered:.1f} s after Redis was back")
+        assert recovered <= 20, recovered
     finally:
         stack.close()

@@ -1,6 +1,7 @@
 """HTTP servers on loopback that break mid-answer, for the fault tests: each sends its status and
 headers and part of its body, then resets the connection, stalls, or closes before its
-Content-Length (what real image servers and webhook receivers do when they crash or hang)."""
+Content-Length (what real image servers and webhook receivers do when they crash or hang). The
+fault tests and the soak (benchmarks/soak.py) use them."""
 
 from __future__ import annotations
 
