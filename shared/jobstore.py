@@ -337,22 +337,19 @@ class JobStore:
         return self.transition([job_id], "fetching", ("fetching",), fields, "fetch_attempts", write_id, deadline)[0]
 
     def mark_fetched(self, job_id: str, image_sha: str, pixels_b64: str) -> tuple[int, int]:
-        """The fetch is done and the prediction task queued just now."""
+        """The fetch is done, and its prediction is about to be queued (worker/fetching.py)."""
         queued_at = time.time()
         fields = {"image": image_sha, "pixels": pixels_b64, "queued_at": repr(queued_at)}
-        result = self.transition([job_id], "queued", ("fetching",), fields, deadline=queued_at + QUEUE_CHECK_SECONDS)[0]
-        if result[0] == 0:  # prediction already began: still record which image it was
-            self.redis.hset(job_key(job_id), "image", image_sha)
-        return result
+        return self.transition([job_id], "queued", ("fetching",), fields, deadline=queued_at + QUEUE_CHECK_SECONDS)[0]
 
     def mark_running(
         self, job_ids: list[str], write_id: str = "", deadline: float | None = None
     ) -> list[tuple[int, int]]:
         """Prediction starts, to end by `deadline`; the counter is each job's prediction attempts
-        so far. A URL job can be predicted before its fetcher records the fetch, hence "fetching"
-        is allowed."""
+        so far. Not from `fetching`: a URL job's prediction is queued only once its fetch is
+        recorded, so that its record always holds what to run again."""
         fields = {"started_at": now_iso()}
-        allowed = ("queued", "fetching", "running")
+        allowed = ("queued", "running")
         return self.transition(job_ids, "running", allowed, fields, "attempts", write_id, deadline)
 
     def count_solo_attempt(self, job_id: str) -> int:

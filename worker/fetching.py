@@ -70,8 +70,13 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
         return
     FETCH_LATENCY.observe(time.perf_counter() - t0)
     state.images.keep(image.sha256, data, image.thumbnail)
-    # Queue the prediction first, then record the fetch: a crash in between still predicts.
+    # Record the fetch (pixels included), then queue the prediction: the record is what the
+    # janitor runs again from. The other order let a worker start the prediction before the
+    # pixels were recorded; killed then, it left a job `running` with nothing to run again. A
+    # crash between the two leaves a queued job without a message, which its deadline catches.
     pixels = image.pixels_b64
+    moved, _ = until_redis_answers(store.mark_fetched, task.job_id, image.sha256, pixels)
+    if moved != 1:
+        return  # another copy of this fetch recorded it first and queued its prediction
     until_redis_answers(enqueue, state.celery, [PredictTask(task.job_id, pixels, task.top_k)], [])
-    until_redis_answers(store.mark_fetched, task.job_id, image.sha256, pixels)
     log.info("fetched", extra={"bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})

@@ -109,6 +109,10 @@ def requeue_overdue(state, now: float | None = None) -> int:
 def requeue(state, job_ids: list[str], records: list[dict], now: float, why: str) -> int:
     """Queue these unfinished jobs' tasks again, count it on their records, and say why in the log."""
     predictions, fetches = tasks_for(job_ids, records)
+    stranded = sorted(set(job_ids) - {t.job_id for t in predictions + fetches})
+    if stranded:  # looked at on every pass, for ever, its batch never finishing: end it instead
+        message = "The job's record no longer holds what it needs to run again; giving up on it."
+        fail(state, stranded, "abandoned", message)
     if not predictions and not fetches:
         return 0
     enqueue(state.celery, predictions, fetches)

@@ -8,7 +8,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from shared.jobstore import JobStore, NewJob
 from shared.queue import FetchTask, celery_init_app
 from shared.storage import ImageStore
-from tests.helpers import public_job
+from tests.helpers import noise_png, public_job
 from worker import fetching
 from worker.fetching import fetch_job
 from worker.state import WorkerState
@@ -86,3 +86,34 @@ def test_a_publish_that_fails_once_is_retried(monkeypatch):
 
     monkeypatch.setattr(time, "sleep", lambda s: None)
     assert until_redis_answers(publish) == "sent" and len(calls) == 2
+
+
+def test_a_fetch_is_recorded_before_its_prediction_is_queued(state, monkeypatch):
+    """The soak found a URL job `running` forever: the prediction was queued before the fetch
+    was recorded, a predict worker started it in between (so the record never got its pixels),
+    then died; the janitor had nothing to queue again from the record."""
+    monkeypatch.setattr(fetching, "fetch", lambda *a, **kw: noise_png(0))
+    seen = []
+
+    def enqueue(celery, predictions, fetches):
+        seen.extend(state.store.redis.hmget(f"job:{t.job_id}", "status", "pixels") for t in predictions)
+
+    monkeypatch.setattr(fetching, "enqueue", enqueue)
+    job_id = url_job(state)
+    fetch_job(state, FetchTask(job_id, "https://example.com/a.jpg", 3))
+    [(status, pixels)] = seen
+    assert status == "queued" and pixels  # whatever happens next, the record can be run again
+
+
+def test_a_second_copy_that_fetched_too_queues_no_second_prediction(state, monkeypatch):
+    job_id = url_job(state)
+    queued = []
+    monkeypatch.setattr(fetching, "enqueue", lambda celery, predictions, fetches: queued.extend(predictions))
+
+    def first_copy_finishes_meanwhile(*a, **kw):
+        state.store.mark_fetched(job_id, "f" * 64, "AAAA")
+        return noise_png(0)
+
+    monkeypatch.setattr(fetching, "fetch", first_copy_finishes_meanwhile)
+    fetch_job(state, FetchTask(job_id, "https://example.com/a.jpg", 3))
+    assert queued == [] and public_job(state.store, job_id)["status"] == "queued"

@@ -209,3 +209,14 @@ def test_a_due_webhook_of_an_expired_batch_is_dropped(state):
     state.store.redis.zadd("webhooks:due", {"gone": time.time() - 3600})
     assert rescue_lost_webhooks(state, time.time()) == 1
     assert state.store.redis.zcard("webhooks:due") == 0
+
+
+def test_a_late_job_whose_record_holds_nothing_to_run_fails_instead_of_waiting_forever(state):
+    """A record that could not be turned into a task (a running URL job without its pixels: the
+    soak made one) was looked at on every pass, for ever, and its batch never finished."""
+    [job_id] = make_jobs(state, 1)
+    state.store.mark_running([job_id])
+    state.store.redis.hdel(f"job:{job_id}", "pixels")
+    requeue_overdue(state, now=time.time() + state.settings.run_deadline_seconds + 1)
+    assert status_of(state, job_id) == "failed"
+    assert state.store.deadlines([job_id]) == [None]
