@@ -30,15 +30,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
+import redis as redis_py
 import requests
 
 from benchmarks.run import test_images
+from shared.jobstore import PENDING
 from shared.schemas import FINAL_STATUSES
 from shared.settings import DEFAULT_MODEL_DIR
 from tools.badservers import BEHAVIOURS, BreakingServer
 from tools.imageserver import ImageServer
-from tools.stack import free_port, start_redis, start_web, start_worker, stop, wait_ready
+from tools.stack import free_port, model_processes, start_redis, start_web, start_worker, stop, wait_ready
 
 
 def main(argv=None) -> dict:
@@ -133,9 +134,20 @@ def main(argv=None) -> dict:
     for t in clients:
         t.start()
 
+    records = redis_py.Redis(port=rport, socket_timeout=5)
+    last_progress = 0.0
+
     def progress() -> float:
+        """Share of the requested jobs that have finished: submitting takes seconds, the work
+        minutes, so faults timed by what was submitted would all land in the first seconds."""
+        nonlocal last_progress
         with lock:
-            return len(job_ids) / args.jobs
+            submitted = len(job_ids)
+        try:
+            last_progress = (submitted - records.zcard(PENDING)) / args.jobs
+        except redis_py.RedisError:
+            pass  # Redis is restarting: the last reading stands
+        return last_progress
 
     plan = sorted(
         [("kill", (i + 1) / (args.kills + 1)) for i in range(args.kills)]
@@ -144,7 +156,7 @@ def main(argv=None) -> dict:
         key=lambda f: f[1],
     )
     for kind, at in plan:
-        while progress() < at and time.monotonic() < deadline and any(t.is_alive() for t in clients):
+        while progress() < at and time.monotonic() < deadline:
             time.sleep(0.2)
         live = [w for w in predict_workers if w.poll() is None]
         if kind == "kill":
@@ -154,18 +166,18 @@ def main(argv=None) -> dict:
             predict_workers.remove(victim)
             add_worker()
             predict_workers.append(workers[-1])
-            faults.append(f"SIGKILL worker at {progress():.0%} submitted")
+            faults.append(f"SIGKILL worker at {progress():.0%} finished")
         elif kind == "child":
-            children = [c for w in live for c in psutil.Process(w.pid).children()]
+            children = [c for w in live for c in model_processes(w)]
             if not children:
                 continue
             rng.choice(children).kill()  # the model process: its worker lives on and forks another
-            faults.append(f"SIGKILL model process at {progress():.0%} submitted")
+            faults.append(f"SIGKILL model process at {progress():.0%} finished")
         else:
             stop(redis)
             time.sleep(2)
             redis = start_redis(rport, tmp / "redis", appendonly=True)
-            faults.append(f"Redis restarted at {progress():.0%} submitted")
+            faults.append(f"Redis restarted at {progress():.0%} finished")
         print(faults[-1], flush=True)
     for t in clients:
         t.join()

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from shared.settings import REPO_ROOT
@@ -122,6 +123,15 @@ def start_worker(
     return subprocess.Popen(
         [sys.executable, "-m", "worker", "--queues", queues, *args, *(extra or [])], cwd=REPO_ROOT, env=env, **popen
     )
+
+
+def model_processes(worker: subprocess.Popen) -> list:
+    """The processes holding a model: the grandchildren of `python -m worker` (its Celerys'
+    pool children). Its children are Celery main processes; a SIGKILL there ends the worker."""
+    try:
+        return [pool for celery in psutil.Process(worker.pid).children() for pool in celery.children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0, sig=signal.SIGTERM) -> None:

@@ -16,6 +16,7 @@ import requests
 
 from tests.helpers import RedisServer, Stack, noise_png, parse_time, post_images, wait_until
 from tools.badservers import BreakingServer
+from tools.stack import model_processes
 
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -85,15 +86,7 @@ def test_a_webhook_receiver_that_answers_then_stalls_its_body_is_delivered_once(
 
 
 def pool_child(worker) -> psutil.Process:
-    """The process holding the model: the grandchild of `python -m worker` (its Celery's pool)."""
-
-    def child():
-        for celery in psutil.Process(worker.pid).children():
-            if celery.children():
-                return celery.children()[0]
-        return None
-
-    return wait_until(child, 30, "a pool child")
+    return wait_until(lambda: next(iter(model_processes(worker)), None), 30, "a pool child")
 
 
 def test_a_pool_child_killed_mid_batch_costs_its_batch_seconds_not_the_visibility_timeout(stack_factory):
