@@ -35,6 +35,7 @@ import requests
 
 from benchmarks.run import test_images
 from shared.jobstore import PENDING
+from shared.logs import final_writes
 from shared.schemas import FINAL_STATUSES
 from shared.settings import DEFAULT_MODEL_DIR
 from tools.badservers import BEHAVIOURS, BreakingServer
@@ -221,16 +222,9 @@ def main(argv=None) -> dict:
     for srv in broken:
         srv.close()
 
-    # Each worker logs a line when it writes a job's final status. A second line for one job would
-    # be a second write; a missing line proves nothing (a SIGKILL between the Redis write and the
-    # log line drops it), so lines are only ever used to find duplicates.
-    written = Counter()
+    written = Counter()  # a job's final status written twice shows as two lines
     for log in tmp.glob("worker-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if rec.get("event") in ("job done", "job failed") and rec.get("job_id"):
-                    written[rec["job_id"]] += 1
+        written += final_writes(log.read_text(errors="replace"))
     counts = Counter(statuses.get(j, "missing") for j in job_ids)
     report = {
         "jobs_requested": args.jobs,

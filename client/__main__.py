@@ -1,6 +1,6 @@
 """Command-line client (`cifar-svc`, or `python -m client`).
 
-cifar-svc submit urls.txt|images/ [--server URL] [--out results.jsonl|.csv] [--top-k 3]
+cifar-svc submit urls.txt|images/ [--server URL] [--out results.jsonl|.csv] [--top-k N]
 cifar-svc get <job or batch id> [--server URL]
 """
 
@@ -17,6 +17,7 @@ from rich.progress import Progress as Bar
 
 from client.api import Client, ServiceError
 from client.submit import submit
+from shared.schemas import TOP_K_DEFAULT
 
 
 class Progress:
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         default=Path("results.jsonl"),
         help="results, one line per input: .jsonl or .csv (default results.jsonl)",
     )
-    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--top-k", type=int, default=TOP_K_DEFAULT)
     s.add_argument("--batch-size", type=int, default=500, help="inputs per request")
     g = sub.add_parser("get", help="print a job or a batch as JSON")
     g.add_argument("id")

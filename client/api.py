@@ -7,6 +7,8 @@ from pathlib import Path
 
 import requests
 
+from shared.schemas import TOP_K_DEFAULT
+
 RETRY_STATUSES = {429, 502, 503, 504}
 RETRY_CODES = {"idempotency_key_in_use"}  # a 409: our earlier attempt is still being answered
 
@@ -58,10 +60,10 @@ class Client:
             return body
         raise AssertionError("unreachable")
 
-    def submit_urls(self, urls: list[str], top_k: int = 3, key: str | None = None) -> dict:
+    def submit_urls(self, urls: list[str], top_k: int = TOP_K_DEFAULT, key: str | None = None) -> dict:
         return self._request("POST", "/api/v1/batches", json={"urls": urls, "top_k": top_k}, headers=_key(key))
 
-    def submit_files(self, paths: list[Path], top_k: int = 3, key: str | None = None) -> dict:
+    def submit_files(self, paths: list[Path], top_k: int = TOP_K_DEFAULT, key: str | None = None) -> dict:
         handles = [open(p, "rb") for p in paths]
         try:
             files = [("images", (p.name, h)) for p, h in zip(paths, handles, strict=True)]

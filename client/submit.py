@@ -16,7 +16,7 @@ from pathlib import Path
 
 from client.api import Client, ServiceError
 from shared.formats import SUFFIXES
-from shared.schemas import FINAL_STATUSES
+from shared.schemas import FINAL_STATUSES, TOP_K_DEFAULT
 
 IN_FLIGHT = 4  # batches submitted and not yet finished: a few, not the whole list
 
@@ -217,7 +217,9 @@ class Run:
             self.progress.advance(len(rows), failed=sum(r["status"] == "failed" for r in rows))
 
 
-def submit(client: Client, source: Path, out: Path, top_k: int = 3, batch_size: int = 500, progress=None) -> dict:
+def submit(
+    client: Client, source: Path, out: Path, top_k: int = TOP_K_DEFAULT, batch_size: int = 500, progress=None
+) -> dict:
     kind, inputs = read_inputs(source)
     writer = ResultWriter(out, top_k)
     state = State(out.with_name(out.name + ".state.json"))

@@ -22,9 +22,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared import formats
 from shared.errors import InputRefused
+from shared.settings import Settings
 
 INPUT_SIZE = 32  # the model's input is INPUT_SIZE x INPUT_SIZE x 3, uint8 RGB
 PIXELS_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
+TRIM_AFTER_BYTES = 16_000_000  # a decode this large gives its memory back at once (malloc_trim)
 
 # Formats people upload that we recognise but cannot decode: refused by name.
 _KNOWN_UNSUPPORTED = {
@@ -113,14 +115,19 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
-def decode_cost(data: bytes, max_pixels: int = 50_000_000, max_full_pixels: int = 16_000_000) -> DecodeCost:
+def decode_cost(
+    data: bytes, max_pixels: int = Settings.max_image_pixels, max_full_pixels: int = Settings.max_full_decode_pixels
+) -> DecodeCost:
     """What decoding this image takes (JPEG: at the reduced scale it is decoded at), read from
     its header alone; raises ImageRefused for what check_image would refuse on sight."""
     return _open_checked(data, max_pixels, max_full_pixels)[1]
 
 
 def check_image(
-    data: bytes, max_pixels: int = 50_000_000, max_full_pixels: int = 16_000_000, budget: DecodeBudget | None = None
+    data: bytes,
+    max_pixels: int = Settings.max_image_pixels,
+    max_full_pixels: int = Settings.max_full_decode_pixels,
+    budget: DecodeBudget | None = None,
 ) -> CheckedImage:
     """Decode untrusted bytes completely, or raise ImageRefused with a clear reason.
 
@@ -133,7 +140,7 @@ def check_image(
             img.load()  # truncated or corrupt data fails here, not later
             fmt = img.format
             img = _to_rgb(ImageOps.exif_transpose(_shrink(_reducible(img))))
-    if cost.bytes > 16_000_000:
+    if cost.bytes > TRIM_AFTER_BYTES:
         release_freed_memory()
     return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
 

@@ -39,7 +39,15 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shared.queue import QUEUED_AT_HEADER, job_ids_of
-from shared.schemas import FINAL_STATUSES, STATUSES, UNFINISHED_STATUSES
+from shared.schemas import (
+    FINAL_STATUSES,
+    STATUSES,
+    UNFINISHED_STATUSES,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+    WEBHOOK_QUEUED,
+)
 
 PENDING = "jobs:pending"
 WEBHOOKS_DUE = "webhooks:due"
@@ -62,10 +70,23 @@ def job_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
+def held_key(node: str) -> str:
+    return f"held:{node}"
+
+
+def lock_key(name: str) -> str:
+    return f"lock:{name}"
+
+
+def claim_key(key: str) -> str:
+    return f"idem:{key}"
+
+
 def batch_key(batch_id: str, part: str = "") -> str:
     return f"{BATCH_PREFIX}{batch_id}{':' + part if part else ''}"
 
 
+# (The script spells the webhook states 'pending' and 'queued' of shared.schemas.WEBHOOK_STATUSES.)
 # KEYS: the job, the pending set, the due webhooks. ARGV: job id, batch key prefix, final statuses
 # (comma-separated), new status, allowed current statuses (comma-separated), a counter field to
 # increment ("" for none), the time, the write id ("" for none), the job's new deadline in the
@@ -160,10 +181,6 @@ class Claim:
         return json.dumps({"fp": self.fingerprint, "owner": self.owner})
 
 
-def _claim_key(key: str) -> str:
-    return f"idem:{key}"
-
-
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -232,7 +249,9 @@ class JobStore:
             for rec in records:
                 p.hset(job_key(rec["job_id"]), mapping=rec)
                 p.expire(job_key(rec["job_id"]), self.ttl)
-            webhook = dict(webhook_url=webhook_url, webhook_status="pending", webhook_attempts=0) if webhook_url else {}
+            webhook = {}
+            if webhook_url:
+                webhook = dict(webhook_url=webhook_url, webhook_status=WEBHOOK_PENDING, webhook_attempts=0)
             p.hset(
                 batch_key(batch_id),
                 mapping=dict(batch_id=batch_id, created_at=created, total=len(records), version=0, **counts, **webhook),
@@ -251,7 +270,7 @@ class JobStore:
             if waiting:
                 p.zadd(PENDING, waiting)
             if claim is not None:
-                p.set(_claim_key(claim.key), json.dumps({"fp": claim.fingerprint, "batch_id": batch_id}), ex=self.ttl)
+                p.set(claim_key(claim.key), json.dumps({"fp": claim.fingerprint, "batch_id": batch_id}), ex=self.ttl)
             p.execute()
         return batch_id, [{k: v for k, v in r.items() if k != "pixels"} for r in records]
 
@@ -278,7 +297,7 @@ class JobStore:
     def delete_batch(self, batch_id: str, job_ids: list[str], claim: Claim | None = None) -> None:
         """Undo create_batch (its claim goes with it: a retry may create the batch again)."""
         keys = [batch_key(batch_id), batch_key(batch_id, "jobs"), batch_key(batch_id, "changes")]
-        keys += [job_key(j) for j in job_ids] + ([_claim_key(claim.key)] if claim is not None else [])
+        keys += [job_key(j) for j in job_ids] + ([claim_key(claim.key)] if claim is not None else [])
         with self.redis.pipeline(transaction=True) as p:
             p.delete(*keys)
             if job_ids:
@@ -376,7 +395,7 @@ class JobStore:
             )
             for p, u in zip(predictions, uncertain, strict=True)
         ]
-        return self.transition(job_ids, "done", ("queued", "fetching", "running"), fields, write_id=write_id)
+        return self.transition(job_ids, "done", UNFINISHED_STATUSES, fields, write_id=write_id)
 
     def cancel(self, job_ids: list[str]) -> list[tuple[int, int]]:
         """Unfinished jobs become cancelled (final): a worker's later write is refused."""
@@ -391,7 +410,7 @@ class JobStore:
         code: str,
         message: str,
         write_id: str = "",
-        allowed_from: tuple[str, ...] = ("queued", "fetching", "running"),
+        allowed_from: tuple[str, ...] = UNFINISHED_STATUSES,
     ) -> list[tuple[int, int]]:
         """The jobs fail. A fetch failure passes allowed_from=("fetching",): another copy of the
         fetch may have fetched the image already, and the job is then queued, not failed."""
@@ -470,7 +489,7 @@ class JobStore:
         """A worker process that takes tasks is alive and has received these task ids, whose
         jobs are due by `deadline`. Ids older than keep_seconds are dropped: their tasks are
         finished or past their deadline by then."""
-        key = f"held:{node}"
+        key = held_key(node)
         with self.redis.pipeline() as p:
             p.zadd(CONSUMERS, {node: now})
             if received:
@@ -486,29 +505,29 @@ class JobStore:
 
     def held_by(self, node: str) -> list[tuple[str, float]]:
         """(job id, when this worker received it) of what a worker process recorded."""
-        return self.redis.zrange(f"held:{node}", 0, -1, withscores=True)
+        return self.redis.zrange(held_key(node), 0, -1, withscores=True)
 
     def held_by_live_consumers(self, since: float) -> set[str]:
         """Job ids recorded by the worker processes that have beaten since `since`."""
         nodes = self.redis.zrangebyscore(CONSUMERS, since, "+inf")
         with self.redis.pipeline(transaction=False) as p:
             for node in nodes:
-                p.zrange(f"held:{node}", 0, -1)
+                p.zrange(held_key(node), 0, -1)
             return {task_id for ids in p.execute() for task_id in ids}
 
     def forget_consumer(self, node: str) -> None:
         with self.redis.pipeline() as p:
             p.zrem(CONSUMERS, node)
-            p.delete(f"held:{node}")
+            p.delete(held_key(node))
             p.execute()
 
     def take_lock(self, name: str, owner: str, seconds: float) -> bool:
         """True if this owner now holds the lock for `seconds` (nobody else held it)."""
-        return bool(self.redis.set(f"lock:{name}", owner, nx=True, px=int(seconds * 1000)))
+        return bool(self.redis.set(lock_key(name), owner, nx=True, px=int(seconds * 1000)))
 
     def release_lock(self, name: str, owner: str) -> None:
         """Let go of a lock this owner holds (and only then: it may have expired and been taken)."""
-        self._release(keys=[f"lock:{name}"], args=[owner])
+        self._release(keys=[lock_key(name)], args=[owner])
 
     def shared_secret_key(self) -> str:
         """One random key for every web process (a form rendered by one gunicorn worker is
@@ -569,23 +588,23 @@ class JobStore:
         """Claim an idempotency key for one request. None: the claim is ours for `seconds` (create
         the batch with it, or release it). Otherwise what the key holds: {"fp", "owner"} while
         another request holds it, {"fp", "batch_id"} once its batch exists."""
-        found = self._claim(keys=[_claim_key(claim.key)], args=[claim.pending, seconds])
+        found = self._claim(keys=[claim_key(claim.key)], args=[claim.pending, seconds])
         return json.loads(found) if found else None
 
     def claimed(self, key: str) -> dict | None:
-        found = self.redis.get(_claim_key(key))
+        found = self.redis.get(claim_key(key))
         return json.loads(found) if found else None
 
     def release_claim(self, claim: Claim) -> None:
         """Let go of a claim that is still ours and unanswered (a claim that expired and went to
         another request stays theirs)."""
-        self._release(keys=[_claim_key(claim.key)], args=[claim.pending])
+        self._release(keys=[claim_key(claim.key)], args=[claim.pending])
 
     # --- webhooks -------------------------------------------------------------------------------
     def webhook_target(self, batch_id: str) -> tuple[dict, str] | None:
         """(the batch's record, its webhook URL) while its webhook waits to be delivered."""
         rec = self.redis.hgetall(batch_key(batch_id))
-        if not rec or rec.get("webhook_status") != "queued":
+        if not rec or rec.get("webhook_status") != WEBHOOK_QUEUED:
             return None
         return rec, rec["webhook_url"]
 
@@ -595,7 +614,7 @@ class JobStore:
             p.hincrby(batch_key(batch_id), "webhook_attempts", 1)
             p.hset(batch_key(batch_id), "webhook_error", error)
             if retry_at is None:
-                p.hset(batch_key(batch_id), "webhook_status", "failed")
+                p.hset(batch_key(batch_id), "webhook_status", WEBHOOK_FAILED)
                 p.zrem(WEBHOOKS_DUE, batch_id)
             else:
                 p.zadd(WEBHOOKS_DUE, {batch_id: retry_at})
@@ -606,7 +625,7 @@ class JobStore:
             p.hincrby(batch_key(batch_id), "webhook_attempts", 1)
             p.hset(
                 batch_key(batch_id),
-                mapping={"webhook_status": "delivered", "webhook_delivered_at": now_iso(), "webhook_error": ""},
+                mapping={"webhook_status": WEBHOOK_DELIVERED, "webhook_delivered_at": now_iso(), "webhook_error": ""},
             )
             p.zrem(WEBHOOKS_DUE, batch_id)
             p.execute()
@@ -616,7 +635,7 @@ class JobStore:
         the attempts so far if it should be tried again now (its due time is now), else None:
         given up (failed), or nothing to deliver (delivered, or the batch expired)."""
         rec = self.redis.hgetall(batch_key(batch_id))
-        if rec.get("webhook_status") != "queued":
+        if rec.get("webhook_status") != WEBHOOK_QUEUED:
             self.forget_webhook(batch_id)
             return None
         attempts = int(rec.get("webhook_attempts") or 0) + 1

@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from shared.images import PIXELS_SHAPE  # noqa: E402
 from shared.modeldir import MODEL_FILE, ModelLoadError  # noqa: E402
 
 # Layers that stay float32 in a bfloat16 net: the logits and the ensemble's average of them.
@@ -45,7 +46,7 @@ class KerasNet:
 
             # One fixed signature: any batch size runs the same traced graph (no retracing).
             return tf.function(
-                logits, input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)], reduce_retracing=True
+                logits, input_signature=[tf.TensorSpec([None, *PIXELS_SHAPE], tf.uint8)], reduce_retracing=True
             )
         if keras.backend.backend() == "jax":  # e.g. a GPU worker without TensorFlow
             import jax  # only on this backend

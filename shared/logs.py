@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line, with the job id in every line about a job.
 
-Code logs with the standard library (`log.info("job done", extra={"job_id": ...})`); while a
+Code logs with the standard library (`log.info("fetched", extra={"job_id": ...})`); while a
 job is being handled, `job_context(job_id=...)` adds the id to every line without passing it.
 """
 
@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -18,6 +19,32 @@ from types import MappingProxyType
 # Read-only default: job_context always sets a new dict.
 _context: contextvars.ContextVar[Mapping] = contextvars.ContextVar("log_context", default=MappingProxyType({}))
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def finished_event(status: str) -> str:
+    """The event a worker logs when its write of a job's final status (done, failed) was the one
+    that counted (worker/state.py)."""
+    return f"job {status}"
+
+
+FINISHED_EVENTS = frozenset(finished_event(s) for s in ("done", "failed"))
+
+
+def final_writes(text: str) -> Counter:
+    """Job id -> how many times these JSON log lines say a worker wrote that job's final status.
+    More than one is a result written twice; a missing line proves nothing (a SIGKILL between
+    the Redis write and the log line drops it), so the lines only ever find duplicates."""
+    written = Counter()
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if rec.get("event") in FINISHED_EVENTS and rec.get("job_id"):
+            written[rec["job_id"]] += 1
+    return written
 
 
 class JsonFormatter(logging.Formatter):

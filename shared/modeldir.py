@@ -13,6 +13,7 @@ import numpy as np
 
 from shared.digest import file_digest
 from shared.machine import cpu_flags
+from shared.schemas import TOP_K_DEFAULT
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -73,7 +74,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def top_k(probs: np.ndarray, classes: list[str], k: int = 3) -> list[list[dict]]:
+def top_k(probs: np.ndarray, classes: list[str], k: int = TOP_K_DEFAULT) -> list[list[dict]]:
     """Per image, the k most likely classes, most likely first."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.images import PIXELS_SHAPE
 from shared.modeldir import ModelInfo, ModelLoadError, read_model_info, resolve_precision, softmax
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class Predictor:
 
     def logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         images = np.asarray(images, dtype=np.uint8)
-        if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise ValueError(f"expected (N, 32, 32, 3) uint8 images, got {images.shape}")
+        if images.ndim != 4 or images.shape[1:] != PIXELS_SHAPE:
+            raise ValueError(f"expected (N, {', '.join(map(str, PIXELS_SHAPE))}) uint8 images, got {images.shape}")
         parts = [self._logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.info.classes)), np.float32)
 

@@ -19,7 +19,9 @@ STATUSES = ("queued", "fetching", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
 UNFINISHED_STATUSES = tuple(s for s in STATUSES if s not in FINAL_STATUSES)
 WEBHOOK_STATUSES = ("pending", "queued", "delivered", "failed")  # pending: the batch is not finished yet
+WEBHOOK_PENDING, WEBHOOK_QUEUED, WEBHOOK_DELIVERED, WEBHOOK_FAILED = WEBHOOK_STATUSES
 TOP_K_MIN, TOP_K_MAX, TOP_K_DEFAULT = 1, 10, 3
+ID_PATTERN = "^[0-9a-f]{32}$"  # job and batch ids (shared.jobstore.new_id: a uuid4's hex)
 
 TopK = Annotated[int, Field(ge=TOP_K_MIN, le=TOP_K_MAX, description="How many classes to return per image.")]
 Status = Literal[STATUSES]

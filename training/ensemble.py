@@ -39,7 +39,7 @@ from training.data import load_dataset
 from training.evaluate import photo_figures
 from training.export import export_openvino, write_meta
 from training.metrics import fit_temperature, metrics, reliability
-from training.model import build_net
+from training.model import net_for
 from training.photos import OTHER, PHOTOS_DIR, class_balanced_weights, load_photos
 from training.provenance import git_commit, machine
 from training.train import split_validation
@@ -76,7 +76,7 @@ def build(runs: list[Path], out: Path, data=None, runtime: str = "keras", photos
     members = []
     for i, (run, meta) in enumerate(zip(runs, metas, strict=True)):
         r = meta["recipe"]
-        net = build_net(len(classes), r["widths"], r["bn_momentum"], r["scaling_factor"], r["depth"], f"member{i}")
+        net = net_for(r, len(classes), f"member{i}")
         net.set_weights(keras.saving.load_model(run / MODEL_FILE, compile=False).get_weights())
         members.append(net)
     outputs = [m(image) for m in members]

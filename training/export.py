@@ -16,7 +16,7 @@ from shared.modeldir import META_FILE, MODEL_FILE, softmax
 from shared.predictor import load_predictor
 from training.card import write_model_card
 from training.metrics import fit_temperature, metrics
-from training.model import build_net
+from training.model import net_for
 from training.provenance import git_commit, machine
 
 PREPROCESSING = (
@@ -30,14 +30,7 @@ def save_inference_model(model: keras.Model, out: Path, classes: list[str], reci
     """Save the net (float32 layers) with its model.json: all the worker needs to serve it."""
     # Ship float32 layers: the serving precision is the worker's choice, not baked into the file.
     keras.mixed_precision.set_global_policy("float32")
-    shipped = build_net(
-        len(classes),
-        recipe["widths"],
-        recipe["bn_momentum"],
-        recipe["scaling_factor"],
-        recipe.get("depth", 2),
-        name=model.name,
-    )
+    shipped = net_for(recipe, len(classes), name=model.name)
     shipped.set_weights(model.get_weights())
     out.mkdir(parents=True, exist_ok=True)
     shipped.save(out / MODEL_FILE)

@@ -32,12 +32,21 @@ def batch_norm(momentum: float, name: str) -> keras.layers.BatchNormalization:
     return keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-12, scale=False, name=name)
 
 
+PLAIN_DEPTH = 2  # convs per block in airbench94; recipes saved before `depth` existed had this
+
+
+def net_for(recipe: dict, num_classes: int, name: str = "airbench") -> keras.Model:
+    """The net a training recipe (training/train.py, saved in model.json) describes."""
+    depth = recipe.get("depth", PLAIN_DEPTH)
+    return build_net(num_classes, recipe["widths"], recipe["bn_momentum"], recipe["scaling_factor"], depth, name)
+
+
 def build_net(
     num_classes: int = 10,
     widths=(64, 256, 256),
     bn_momentum: float = 0.6,
     scaling_factor: float = 1 / 9,
-    depth: int = 2,
+    depth: int = PLAIN_DEPTH,
     name: str = "airbench",
 ) -> keras.Model:
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")

@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from shared.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.export import save_model_dir  # noqa: E402
-from training.model import CIFAR_MEAN, build_net, init_whitening  # noqa: E402
+from training.model import CIFAR_MEAN, PLAIN_DEPTH, init_whitening, net_for  # noqa: E402
 
 RECIPE = dict(
     optimizer="sgd",  # Nesterov SGD throughout (see MUON below for the alternative)
@@ -56,7 +56,7 @@ RECIPE = dict(
     precision="mixed_bfloat16",
 )
 # --fast: airbench94 itself (two convs per block), 10 epochs: under half the time.
-FAST = dict(RECIPE, depth=2, epochs=10)
+FAST = dict(RECIPE, depth=PLAIN_DEPTH, epochs=10)
 # --muon: airbench94_muon's optimiser (tuned at batch 2000, summed loss): Muon on the 3x3
 # filters, SGD for biases and head, linear decay to 0, no lookahead. The whitening bias moves on
 # the first step only: trained at bias_lr it grew past 100 and the eval-mode net collapsed (NOTES.md 5).
@@ -122,9 +122,7 @@ def train(recipe: dict, data=None, out: Path = DEFAULT_MODEL_DIR, seed: int = 0,
         flush=True,
     )
 
-    model = build_net(
-        len(ds.classes), recipe["widths"], recipe["bn_momentum"], recipe["scaling_factor"], recipe.get("depth", 2)
-    )
+    model = net_for(recipe, len(ds.classes))
     init_whitening(model, x[:5000])
     t_train = time.perf_counter()
     history, steps = fit(model, recipe, x, y, val_x, val_y, len(ds.classes), rng)

@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.metrics import QueueDepth, scrape_registry
-from shared.schemas import FINAL_STATUSES, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
+from shared.schemas import FINAL_STATUSES, ID_PATTERN, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
 from web import idempotency
 from web.errors import ApiError
 from web.extensions import submissions
@@ -21,7 +21,7 @@ from web.openapi import build_openapi
 from web.submit import create_submission, parse_submission, prepare_submission, store_submission
 
 api = Blueprint("api", __name__)
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 READY_WINDOW_FACTOR = 3  # a worker is alive if it sent a heartbeat in the last 3 periods
 BUSY_RETRY_AFTER = "2"  # a long-poll past the cap is answered at once: poll again after this
 

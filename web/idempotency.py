@@ -25,7 +25,8 @@ from web.errors import ApiError
 
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
-KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces, at most 200 characters
+KEY_MAX_LENGTH = 200
+KEY = re.compile(rf"^[\x21-\x7e]{{1,{KEY_MAX_LENGTH}}}$")  # printable ASCII, no spaces
 # A claim covers only writing the batch (one Redis transaction, bounded by the Redis client's
 # timeouts and one retry), not reading or decoding the request: a claim whose request died
 # before its batch was written is free again after this.
@@ -46,7 +47,8 @@ def answer_once(
     the batch with the claim (JobStore.create_batch answers it) and returns the body and Location
     of its 202; replay(batch_id) answers a retry with the batch as it is now."""
     if not KEY.match(key):
-        raise ApiError(400, "invalid_idempotency_key", f"{HEADER} must be 1 to 200 printable characters, no spaces.")
+        message = f"{HEADER} must be 1 to {KEY_MAX_LENGTH} printable characters, no spaces."
+        raise ApiError(400, "invalid_idempotency_key", message)
     store = current_app.extensions["jobs"]
     claim = Claim(hashlib.sha256(f"{get_remote_address()}\0{key}".encode()).hexdigest(), fingerprint)
     found = store.claimed(claim.key)

@@ -7,6 +7,7 @@ from pydantic.json_schema import models_json_schema
 from shared import formats
 from shared import schemas as s
 from shared.settings import Settings
+from web.idempotency import KEY_MAX_LENGTH
 
 ERRORS = {
     "400": "Bad request: no image, a malformed body or field, a URL that is refused.",
@@ -56,10 +57,10 @@ def build_openapi(settings: Settings) -> dict:
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "description": "Printable, at most 200 characters. The same key from the same client within the retention "
-        "period answers with the original batch (Idempotent-Replayed: true) and queues nothing again; "
-        "with another request it is a 422.",
-        "schema": {"type": "string", "maxLength": 200},
+        "description": f"Printable, at most {KEY_MAX_LENGTH} characters. The same key from the same client "
+        "within the retention period answers with the original batch (Idempotent-Replayed: true) and "
+        "queues nothing again; with another request it is a 422.",
+        "schema": {"type": "string", "maxLength": KEY_MAX_LENGTH},
     }
     accepted_headers = {
         "Location": {"schema": {"type": "string"}},
@@ -75,7 +76,7 @@ def build_openapi(settings: Settings) -> dict:
             "application/json": {"schema": _ref(s.UrlSubmission)},
         },
     }
-    hex_id = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+    hex_id = {"type": "string", "pattern": s.ID_PATTERN}
     wait = {
         "name": "wait",
         "in": "query",

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from redis import RedisError
 from werkzeug.datastructures import FileStorage
 
-from shared.fetch import UrlRefused, check_url
+from shared.fetch import MAX_URL_LENGTH, UrlRefused, check_url
 from shared.images import DecodeBudget, ImageRefused, PreparedImage, decode_cost, prepare
 from shared.jobstore import Claim, NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
@@ -34,13 +34,13 @@ class Upload:
 
 
 @dataclass
-class Url:
+class SubmittedUrl:
     url: str
 
 
 @dataclass
 class Submission:
-    items: list  # Upload and Url, in the order sent
+    items: list  # Upload and SubmittedUrl, in the order sent
     top_k: int
     webhook_url: str = ""
 
@@ -50,7 +50,7 @@ class Submission:
         another boundary, and the same files)."""
         items = [
             ["url", i.url]
-            if isinstance(i, Url)
+            if isinstance(i, SubmittedUrl)
             else ["upload", i.filename, i.refusal.code if i.refusal else hashlib.sha256(i.data).hexdigest()]
             for i in self.items
         ]
@@ -104,7 +104,7 @@ def parse_submission(request, settings: Settings, single: bool) -> Submission:
         )
     if webhook:
         _check_webhook(webhook, settings)
-    return Submission([_upload(f, settings) for f in files] + [Url(u) for u in urls], top_k, webhook or "")
+    return Submission([_upload(f, settings) for f in files] + [SubmittedUrl(u) for u in urls], top_k, webhook or "")
 
 
 def _check_webhook(url: str, settings: Settings) -> None:
@@ -167,7 +167,7 @@ def prepare_submission(sub: Submission) -> list[PreparedJob]:
     prepared, first_error = [], None
     for item in sub.items:
         try:
-            if isinstance(item, Url):
+            if isinstance(item, SubmittedUrl):
                 check_url(item.url, settings.fetch_allow_hosts, resolve=False)
                 prepared.append(PreparedJob(NewJob("url", item.url, status="fetching")))
             else:
@@ -176,7 +176,7 @@ def prepare_submission(sub: Submission) -> list[PreparedJob]:
                 prepared.append(PreparedJob(job, image, item.data))
         except (ImageRefused, UrlRefused) as exc:
             first_error = first_error or exc
-            source = ("upload", item.filename) if isinstance(item, Upload) else ("url", item.url[:2048])
+            source = ("upload", item.filename) if isinstance(item, Upload) else ("url", item.url[:MAX_URL_LENGTH])
             prepared.append(
                 PreparedJob(NewJob(*source, status="failed", error_code=exc.code, error_message=exc.message))
             )

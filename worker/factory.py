@@ -24,7 +24,7 @@ from celery import signals
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from shared.images import DecodeBudget
+from shared.images import PIXELS_SHAPE, DecodeBudget
 from shared.jobstore import JobStore
 from shared.logs import setup_logging
 from shared.queue import (
@@ -37,16 +37,16 @@ from shared.queue import (
     predict_jobs_of,
     tasks_of,
 )
+from shared.schemas import TOP_K_DEFAULT
 from shared.settings import Settings
 from shared.storage import ImageStore
 from worker.fetching import fetch_job
-from worker.janitor import run_pass, sweep_expired_images
+from worker.janitor import run_image_sweeper, run_janitor
 from worker.prediction import predict_jobs
 from worker.state import WorkerState, requeue_tasks, until_redis_answers
 from worker.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
-IMAGE_SWEEP_SECONDS = 3600
 
 
 def node_name() -> str:
@@ -132,7 +132,7 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         deliver_webhook(state, batch_id)
 
     @app.task(name=FETCH_TASK, acks_late=True, shared=False)
-    def fetch(job_id: str, url: str, top_k: int = 3):
+    def fetch(job_id: str, url: str, top_k: int = TOP_K_DEFAULT):
         fetch_job(state, FetchTask(job_id, url, top_k))
 
     @signals.setup_logging.connect(weak=False)
@@ -161,9 +161,9 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
     def start_beating(**_):
         node = node_name()
         threading.Thread(target=_consumer_heartbeat, args=(state, received, node), daemon=True, name="consumer").start()
-        threading.Thread(target=_janitor, args=(state, node), daemon=True, name="janitor").start()
+        threading.Thread(target=run_janitor, args=(state, node), daemon=True, name="janitor").start()
         if role == "fetch":
-            threading.Thread(target=_image_sweeper, args=(state, node), daemon=True, name="image-sweep").start()
+            threading.Thread(target=run_image_sweeper, args=(state, node), daemon=True, name="image-sweep").start()
 
     return app
 
@@ -271,7 +271,7 @@ def _start_predicting(state: WorkerState, make_predictor) -> None:
     if state.settings.result_cache:
         state.cache = state.store.result_cache(state.predictor.cache_namespace)
     # Warm up: the first call traces and compiles; do it now, not on a user's request.
-    state.predictor.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
+    state.predictor.predict_proba(np.zeros((1, *PIXELS_SHAPE), np.uint8))
     info = state.predictor.info
     log.info("model %s %s ready in %.1fs", info.name, info.version, time.perf_counter() - t0)
     threading.Thread(target=_model_heartbeat, args=(state,), daemon=True, name="heartbeat").start()
@@ -309,40 +309,3 @@ def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks, node: str) 
         except Exception as exc:  # noqa: BLE001 - keep beating through a Redis restart
             log.debug("heartbeat failed: %s", exc)
             time.sleep(min(1.0, s.worker_heartbeat_seconds))
-
-
-# The janitor's lock outlives any pass (a pass handles at most a few hundred jobs), and is let
-# go at its end: it lived one heartbeat and was never released, so a long pass overlapped the next.
-JANITOR_LOCK_SECONDS = 60.0
-
-
-def _janitor(state: WorkerState, node: str) -> None:
-    """Once a heartbeat, in one worker process at a time: the janitor's pass (worker/janitor.py)."""
-    s = state.settings
-    reachable_since = time.monotonic()  # since when this process has reached Redis without a break
-    while True:
-        time.sleep(s.worker_heartbeat_seconds)
-        try:
-            if state.store.take_lock("janitor", node, JANITOR_LOCK_SECONDS):
-                try:
-                    # Judge other workers' silence only after a whole dead-worker period of our own
-                    # reaching Redis: after an outage, every other worker looked dead to the first
-                    # one back, and the janitor queued live workers' jobs again.
-                    judge = time.monotonic() - reachable_since > s.worker_dead_after_seconds
-                    run_pass(state, time.time(), judge_workers=judge)
-                finally:
-                    state.store.release_lock("janitor", node)
-        except Exception as exc:  # noqa: BLE001 - keep going through a Redis restart
-            log.debug("janitor pass failed: %s", exc)
-            reachable_since = time.monotonic()
-
-
-def _image_sweeper(state: WorkerState, node: str) -> None:
-    """Fetch workers share the image volume: one of them, hourly, deletes expired images."""
-    while True:
-        try:
-            if state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
-                sweep_expired_images(state)
-        except Exception as exc:  # noqa: BLE001 - try again next time
-            log.warning("image sweep failed: %s", exc)
-        time.sleep(60)

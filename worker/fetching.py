@@ -13,7 +13,7 @@ from shared.jobstore import new_id
 from shared.logs import job_context
 from shared.metrics import FETCH_FAILURES, FETCH_LATENCY
 from shared.queue import FetchTask, PredictTask, enqueue
-from worker.state import WorkerState, fail, until_redis_answers
+from worker.state import WorkerState, fail_jobs, until_redis_answers
 
 log = logging.getLogger(__name__)
 # A fetch fails a job only while it is fetching: a second copy of the task may have fetched the
@@ -40,7 +40,7 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
     if result != 1:
         return  # finished already, or expired
     if attempts > s.task_max_attempts:
-        fail(
+        fail_jobs(
             state,
             [task.job_id],
             "poison",
@@ -61,12 +61,12 @@ def _fetch_job(state: WorkerState, task: FetchTask) -> None:
         image = prepare(data, budget=state.decode_budget, **s.image_limits())
     except (UrlRefused, ImageRefused) as exc:
         FETCH_FAILURES.labels(exc.code).inc()
-        fail(state, [task.job_id], exc.code, exc.message, allowed_from=FETCHING)
+        fail_jobs(state, [task.job_id], exc.code, exc.message, allowed_from=FETCHING)
         return
     except SoftTimeLimitExceeded:
         FETCH_FAILURES.labels("fetch_timeout").inc()
         message = f"Fetching took longer than {s.task_soft_time_limit:g} s."
-        fail(state, [task.job_id], "fetch_timeout", message, allowed_from=FETCHING)
+        fail_jobs(state, [task.job_id], "fetch_timeout", message, allowed_from=FETCHING)
         return
     FETCH_LATENCY.observe(time.perf_counter() - t0)
     state.images.keep(image.sha256, data, image.thumbnail)

@@ -32,7 +32,7 @@ import time
 from shared.queue import FETCH_QUEUE, PREDICT_QUEUE, FetchTask, PredictTask, enqueue, enqueue_webhooks
 from shared.schemas import FINAL_STATUSES, TOP_K_DEFAULT
 from shared.webhooks import MAX_ATTEMPTS as WEBHOOK_MAX_ATTEMPTS
-from worker.state import fail
+from worker.state import fail_jobs
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,46 @@ log = logging.getLogger(__name__)
 # a message unrecorded after this long was taken by a process that died before it could.
 RECORD_GRACE_SECONDS = 5.0
 QUEUE_SLACK_SECONDS = 5.0
+
+
+IMAGE_SWEEP_SECONDS = 3600
+
+# The janitor's lock outlives any pass (a pass handles at most a few hundred jobs), and is let
+# go at its end: it lived one heartbeat and was never released, so a long pass overlapped the next.
+JANITOR_LOCK_SECONDS = 60.0
+
+
+def run_janitor(state, node: str) -> None:
+    """Once a heartbeat, in one worker process at a time: the janitor's pass (a thread of every
+    worker process, started by worker/factory.py)."""
+    s = state.settings
+    reachable_since = time.monotonic()  # since when this process has reached Redis without a break
+    while True:
+        time.sleep(s.worker_heartbeat_seconds)
+        try:
+            if state.store.take_lock("janitor", node, JANITOR_LOCK_SECONDS):
+                try:
+                    # Judge other workers' silence only after a whole dead-worker period of our own
+                    # reaching Redis: after an outage, every other worker looked dead to the first
+                    # one back, and the janitor queued live workers' jobs again.
+                    judge = time.monotonic() - reachable_since > s.worker_dead_after_seconds
+                    run_pass(state, time.time(), judge_workers=judge)
+                finally:
+                    state.store.release_lock("janitor", node)
+        except Exception as exc:  # noqa: BLE001 - keep going through a Redis restart
+            log.warning("janitor pass failed: %s", exc)  # not debug: a pass that always fails ends nothing
+            reachable_since = time.monotonic()
+
+
+def run_image_sweeper(state, node: str) -> None:
+    """Fetch workers share the image volume: one of them, hourly, deletes expired images."""
+    while True:
+        try:
+            if state.store.take_lock("image-sweep", node, IMAGE_SWEEP_SECONDS):
+                sweep_expired_images(state)
+        except Exception as exc:  # noqa: BLE001 - try again next time
+            log.warning("image sweep failed: %s", exc)
+        time.sleep(60)
 
 
 def run_pass(state, now: float, judge_workers: bool) -> int:
@@ -96,7 +136,7 @@ def requeue_overdue(state, now: float | None = None) -> int:
     store.forget_pending(gone)
     store.postpone(waiting)
     if abandoned:
-        fail(
+        fail_jobs(
             state,
             abandoned,
             "abandoned",
@@ -112,7 +152,7 @@ def requeue(state, job_ids: list[str], records: list[dict], now: float, why: str
     stranded = sorted(set(job_ids) - {t.job_id for t in predictions + fetches})
     if stranded:  # looked at on every pass, for ever, its batch never finishing: end it instead
         message = "The job's record no longer holds what it needs to run again; giving up on it."
-        fail(state, stranded, "abandoned", message)
+        fail_jobs(state, stranded, "abandoned", message)
     if not predictions and not fetches:
         return 0
     enqueue(state.celery, predictions, fetches)

@@ -17,7 +17,7 @@ from shared.metrics import BATCH_SIZE, MODEL_LATENCY
 from shared.modeldir import top_k
 from shared.queue import PredictTask
 from shared.schemas import TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN
-from worker.state import WorkerState, count_outcomes, fail, requeue_tasks, until_redis_answers
+from worker.state import WorkerState, count_outcomes, fail_jobs, requeue_tasks, until_redis_answers
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
         try:
             item = _decode(message)
         except (KeyError, ValueError, TypeError):
-            fail(state, [message["job_id"]], "bad_task", "The task message was malformed.")
+            fail_jobs(state, [message["job_id"]], "bad_task", "The task message was malformed.")
             continue
         (fresh if attempts <= 1 else again if attempts == 2 else suspects).append(item)
     for group in (fresh, again):
@@ -63,14 +63,14 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     for item in suspects:
         solo = until_redis_answers(state.store.count_solo_attempt, item.job_id)
         if solo > state.settings.task_max_attempts:
-            fail(
+            fail_jobs(
                 state,
                 [item.job_id],
                 "poison",
                 f"Prediction was attempted {solo - 1} times on its own and never finished; giving up on this image.",
             )
         elif not predict_and_record(state, [item]):
-            fail(
+            fail_jobs(
                 state,
                 [item.job_id],
                 "timeout",
@@ -136,7 +136,7 @@ def _record(state: WorkerState, items: list[PredictItem], probs: list[np.ndarray
     count_outcomes(state, written, ids, "done")
     failed = [it.job_id for it, p in zip(items, probs, strict=True) if p is None]
     if failed:
-        fail(state, failed, "prediction_failed", "The model could not process this image.")
+        fail_jobs(state, failed, "prediction_failed", "The model could not process this image.")
 
 
 def _predict_isolating(state: WorkerState, images: np.ndarray) -> list:

@@ -13,6 +13,7 @@ from redis import RedisError
 
 from shared.images import DecodeBudget
 from shared.jobstore import JobStore, ResultCache, new_id
+from shared.logs import finished_event
 from shared.metrics import JOBS_FINISHED
 from shared.queue import PredictTask, enqueue
 from shared.settings import Settings
@@ -66,10 +67,10 @@ def count_outcomes(
         if result == 1:
             state.outcomes[job_id] = (status, code)
             JOBS_FINISHED.labels(status, code).inc()
-            log.info("job %s", status, extra={"job_id": job_id, **({"error_code": code} if code else {})})
+            log.info(finished_event(status), extra={"job_id": job_id, **({"error_code": code} if code else {})})
 
 
-def fail(state: WorkerState, job_ids: list[str], code: str, message: str, **only) -> None:
+def fail_jobs(state: WorkerState, job_ids: list[str], code: str, message: str, **only) -> None:
     """Fail these jobs (`only`: JobStore.fail's allowed_from), counted and logged once each."""
     written = until_redis_answers(state.store.fail, job_ids, code, message, write_id=new_id(), **only)
     count_outcomes(state, written, job_ids, "failed", code)

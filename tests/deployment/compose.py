@@ -3,10 +3,8 @@ the test images. The fixtures that build and run the stack are in conftest.py.""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,21 +70,6 @@ def docker(*args: str, check: bool = True) -> str:
     if check and out.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout + out.stderr
-
-
-def finished_in_log(log: str) -> Counter:
-    """Job id -> how many times this log says its final status was written ("job done" or
-    "job failed": the worker logs that only when its write was the one that counted)."""
-    written = Counter()
-    for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") in ("job done", "job failed") and rec.get("job_id"):
-                written[rec["job_id"]] += 1
-    return written
 
 
 # --- the running stack -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from collections import Counter
 import pytest
 import requests
 
+from shared.logs import final_writes
 from shared.settings import Settings
 from tests.deployment.compose import (
     FIGURES,
@@ -34,7 +35,6 @@ from tests.deployment.compose import (
     accuracy,
     as_files,
     docker,
-    finished_in_log,
     wait_ready,
 )
 from tests.helpers import parse_time
@@ -49,7 +49,7 @@ def _written(stack: Stack) -> Counter:
     """Job id -> how many times a worker container wrote its final status, all containers."""
     total = Counter()
     for log in stack.worker_logs().values():
-        total.update(finished_in_log(log))
+        total.update(final_writes(log))
     return total
 
 
@@ -98,7 +98,7 @@ def test_at_least_two_worker_containers_did_the_work(stack, first_batch):
     _, submitted, _ = first_batch
     ids = {j["job_id"] for j in submitted["jobs"]}
     per_container = {
-        name: sum(n for j, n in finished_in_log(log).items() if j in ids) for name, log in stack.worker_logs().items()
+        name: sum(n for j, n in final_writes(log).items() if j in ids) for name, log in stack.worker_logs().items()
     }
     FIGURES["jobs_per_worker"] = sorted(per_container.values(), reverse=True)
     assert len(per_container) == WORKERS
@@ -289,9 +289,7 @@ def worker_kill(stack, test_images):
         docker("unpause", fetcher, check=False)
     recovery = max(parse_time(j["finished_at"]) for j in batch["jobs"]) - killed_at
     FIGURES["recovery_s"] = round(recovery, 1)
-    per_container = {
-        name: sum(1 for j in finished_in_log(log) if j in ids) for name, log in stack.worker_logs().items()
-    }
+    per_container = {name: sum(1 for j in final_writes(log) if j in ids) for name, log in stack.worker_logs().items()}
     FIGURES["kill"] = dict(
         victim=victim,
         done_at_kill=at_kill["counts"]["done"],

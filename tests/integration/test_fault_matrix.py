@@ -5,8 +5,6 @@ loopback that break mid-answer (tools/badservers.py). The visibility timeout is 
 (300 s) throughout: a recovery that leaned on it would blow every bound here.
 """
 
-import json
-import re
 import time
 from collections import Counter
 
@@ -14,6 +12,7 @@ import psutil
 import pytest
 import requests
 
+from shared.logs import final_writes
 from tests.helpers import RedisServer, Stack, noise_png, parse_time, post_images, wait_until
 from tools.badservers import BreakingServer
 from tools.stack import model_processes
@@ -22,14 +21,8 @@ SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
 
 def results_written(stack) -> Counter:
-    """How many times a worker wrote each job's final status (its JSON "job done"/"job failed")."""
-    written = Counter()
-    for line in stack.worker_logs(full=True).splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            if re.fullmatch(r"job (done|failed)", rec.get("event", "")) and rec.get("job_id"):
-                written[rec["job_id"]] += 1
-    return written
+    """How many times a worker wrote each job's final status."""
+    return final_writes(stack.worker_logs(full=True))
 
 
 def test_image_servers_that_break_mid_body_fail_their_jobs_with_the_reason(stack_factory):
