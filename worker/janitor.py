@@ -44,9 +44,14 @@ QUEUE_SLACK_SECONDS = 5.0
 
 IMAGE_SWEEP_SECONDS = 3600
 
-# The janitor's lock outlives any pass (a pass handles at most a few hundred jobs), and is let
-# go at its end: it lived one heartbeat and was never released, so a long pass overlapped the next.
-JANITOR_LOCK_SECONDS = 60.0
+
+def janitor_lock_seconds(settings) -> float:
+    """How long the janitor's lock lives: it is let go at the end of each pass (it lived one
+    heartbeat and was never released, so a long pass overlapped the next), and a worker killed
+    holding it stops the janitor no longer than a dead worker goes unnoticed (at 60 s, a killed
+    holder kept its own jobs waiting a minute). A pass handles a few hundred jobs at most, far
+    below this; one that overran it would cost a spurious re-queue, never a second result."""
+    return settings.worker_dead_after_seconds
 
 
 def run_janitor(state, node: str) -> None:
@@ -57,7 +62,7 @@ def run_janitor(state, node: str) -> None:
     while True:
         time.sleep(s.worker_heartbeat_seconds)
         try:
-            if state.store.take_lock("janitor", node, JANITOR_LOCK_SECONDS):
+            if state.store.take_lock("janitor", node, janitor_lock_seconds(s)):
                 try:
                     # Judge other workers' silence only after a whole dead-worker period of our own
                     # reaching Redis: after an outage, every other worker looked dead to the first

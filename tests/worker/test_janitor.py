@@ -1,8 +1,10 @@
 """The one rule: a job past its deadline is queued again from its record, at most
 TASK_MAX_ATTEMPTS times, then fails; nothing else is queued again."""
 
+import contextlib
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -220,3 +222,32 @@ def test_a_late_job_whose_record_holds_nothing_to_run_fails_instead_of_waiting_f
     requeue_overdue(state, now=time.time() + state.settings.run_deadline_seconds + 1)
     assert status_of(state, job_id) == "failed"
     assert state.store.deadlines([job_id]) == [None]
+
+
+def test_a_janitor_lock_left_by_a_killed_worker_stops_the_janitor_no_longer_than_a_dead_worker(state, monkeypatch):
+    """A fresh-clone CI found a dead worker's jobs done 70.8 s after its SIGKILL: the worker was
+    killed holding the janitor's lock, which lived 60 s, so no one judged it dead for a minute."""
+    from worker import janitor
+
+    passes = []
+
+    class Stop(BaseException):
+        """Ends the janitor's loop, which carries on through any Exception."""
+
+    def one_pass(*a, **kw):
+        passes.append(time.monotonic())
+        raise Stop
+
+    def janitor_until_its_first_pass():
+        with contextlib.suppress(Stop):
+            janitor.run_janitor(state, "live-node")
+
+    monkeypatch.setattr(janitor, "run_pass", one_pass)
+    s = state.settings
+    assert state.store.take_lock("janitor", "killed-node", janitor.janitor_lock_seconds(s))  # and never let go
+    started = time.monotonic()
+    thread = threading.Thread(target=janitor_until_its_first_pass, daemon=True)
+    thread.start()
+    thread.join(timeout=s.worker_dead_after_seconds + 2 * s.worker_heartbeat_seconds)
+    assert passes, "no janitor pass while a killed worker's lock was held"
+    assert passes[0] - started <= s.worker_dead_after_seconds + 2 * s.worker_heartbeat_seconds
