@@ -115,16 +115,26 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
-def decode_cost(
+@dataclass(frozen=True)
+class OpenedImage:
+    """Untrusted bytes whose header has been read and checked: the image, opened and not yet
+    decoded, and what decoding it will cost (a request's budget is charged before it decodes)."""
+
+    data: bytes
+    image: Image.Image
+    cost: DecodeCost
+
+
+def open_image(
     data: bytes, max_pixels: int = Settings.max_image_pixels, max_full_pixels: int = Settings.max_full_decode_pixels
-) -> DecodeCost:
-    """What decoding this image takes (JPEG: at the reduced scale it is decoded at), read from
-    its header alone; raises ImageRefused for what check_image would refuse on sight."""
-    return _open_checked(data, max_pixels, max_full_pixels)[1]
+) -> OpenedImage:
+    """Read the header alone (JPEG: set to decode at a reduced scale); raises ImageRefused for
+    what check_image would refuse on sight."""
+    return OpenedImage(data, *_open_checked(data, max_pixels, max_full_pixels))
 
 
 def check_image(
-    data: bytes,
+    data: bytes | OpenedImage,
     max_pixels: int = Settings.max_image_pixels,
     max_full_pixels: int = Settings.max_full_decode_pixels,
     budget: DecodeBudget | None = None,
@@ -133,16 +143,17 @@ def check_image(
 
     max_pixels bounds the declared size of any image; max_full_pixels that of the formats
     decoded at full size (all but JPEG, which is decoded at a reduced scale, so a 50 MP phone
-    photo costs what a 1 MP one does)."""
+    photo costs what a 1 MP one does). An OpenedImage was checked against them when opened."""
     with _pillow_errors_refused(max_pixels):
-        img, cost = _open_checked(data, max_pixels, max_full_pixels)
+        opened = data if isinstance(data, OpenedImage) else open_image(data, max_pixels, max_full_pixels)
+        img, cost = opened.image, opened.cost
         with budget.reserve(cost.bytes) if budget else nullcontext():
             img.load()  # truncated or corrupt data fails here, not later
             fmt = img.format
             img = _to_rgb(ImageOps.exif_transpose(_shrink(_reducible(img))))
     if cost.bytes > TRIM_AFTER_BYTES:
         release_freed_memory()
-    return CheckedImage(img, fmt, hashlib.sha256(data).hexdigest())
+    return CheckedImage(img, fmt, hashlib.sha256(opened.data).hexdigest())
 
 
 # Pillow reports broken files with a zoo of exception types.
@@ -301,9 +312,9 @@ def preprocess(data: bytes, **limits) -> np.ndarray:
     return to_model_input(check_image(data, **limits).image)
 
 
-def prepare(data: bytes, **limits) -> PreparedImage:
-    """Untrusted image bytes -> what both serving tiers keep of an image (or ImageRefused).
-    `limits`: check_image's max_pixels, max_full_pixels and budget."""
+def prepare(data: bytes | OpenedImage, **limits) -> PreparedImage:
+    """Untrusted image bytes (or an image opened from them) -> what both serving tiers keep of
+    an image (or ImageRefused). `limits`: check_image's max_pixels, max_full_pixels and budget."""
     checked = check_image(data, **limits)
     return PreparedImage(checked.sha256, to_model_input(checked.image), thumbnail_jpeg(checked.image))
 

@@ -14,7 +14,7 @@ from redis import RedisError
 from werkzeug.datastructures import FileStorage
 
 from shared.fetch import MAX_URL_LENGTH, UrlRefused, check_url
-from shared.images import DecodeBudget, ImageRefused, PreparedImage, decode_cost, prepare
+from shared.images import DecodeBudget, ImageRefused, PreparedImage, open_image, prepare
 from shared.jobstore import Claim, NewJob
 from shared.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from shared.queue import FetchTask, PredictTask, enqueue
@@ -241,8 +241,8 @@ class _RequestDecoder:
     def __call__(self, item: Upload) -> PreparedImage:
         if item.refusal is not None:
             raise item.refusal
-        limits = self.settings.image_limits()
-        cost = decode_cost(item.data, **limits).pixels  # the time this request spends decoding
+        opened = open_image(item.data, **self.settings.image_limits())  # its header, read once
+        cost = opened.cost.pixels  # the time this request spends decoding
         if self.spent + cost > self.settings.max_request_decode_pixels:
             raise ImageRefused(
                 "too_many_pixels",
@@ -252,4 +252,4 @@ class _RequestDecoder:
                 413,
             )
         self.spent += cost
-        return prepare(item.data, budget=self.budget, **limits)
+        return prepare(opened, budget=self.budget)

@@ -2,7 +2,7 @@
 
 Issue 21, defect 8: the budget counted pixels, so a 168 KB 4000x4000 16-bit PNG (which peaked at
 451 MB on its float64 path, 28 bytes a pixel) cost what an 8-bit one did. Each case decodes one
-4000x4000 image in a fresh process and compares the rise of its peak RSS with decode_cost."""
+4000x4000 image in a fresh process and compares the rise of its peak RSS with open_image's cost."""
 
 import io
 import subprocess
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.images import decode_cost
+from shared.images import open_image
 
 SIDE = 4000
 
@@ -62,12 +62,12 @@ def test_the_budget_charges_at_least_what_the_decode_takes(case, tmp_path):
         [sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, timeout=120, check=True
     )
     peak = int(out.stdout)
-    charged = decode_cost(data).bytes
+    charged = open_image(data).cost.bytes
     assert peak <= charged, f"{case}: decoding took {peak / 1e6:.0f} MB, the budget charged {charged / 1e6:.0f} MB"
 
 
 def test_a_16_bit_png_decodes_in_a_few_bytes_a_pixel(tmp_path):
     data = CASES["16-bit greyscale PNG"]()
     assert len(data) < 400_000  # it compresses to almost nothing: the cost is in the decode
-    charged = decode_cost(data)
+    charged = open_image(data).cost
     assert charged.pixels == SIDE * SIDE and charged.bytes <= 8 * SIDE * SIDE

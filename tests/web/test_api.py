@@ -64,6 +64,18 @@ def test_a_batch_is_queued_in_messages_of_up_to_predict_chunk_jobs_in_order(sett
     assert all(m["headers"]["id"] == m["headers"]["job_ids"][0] for m in messages)
 
 
+def test_each_upload_header_is_read_once(client, monkeypatch):
+    """The request's pixel budget read each header, then decoding read it again (issue 24)."""
+    import shared.images
+
+    opened = []
+    real_open = shared.images.Image.open
+    monkeypatch.setattr(shared.images.Image, "open", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
+    r = upload(client, [("a.png", noise_png(1)), ("b.png", noise_png(2))])
+    assert r.status_code == 202
+    assert len(opened) == 2
+
+
 def test_single_job_endpoint(client):
     resp = upload(client, [("a.png", noise_png(2))], path="/api/v1/jobs")
     assert resp.status_code == 202
