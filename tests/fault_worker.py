@@ -12,7 +12,7 @@ import signal
 import time
 
 from shared.settings import Settings
-from worker.factory import create_worker_app, load_predictor
+from worker.factory import create_worker_app, served_predictor
 
 
 class FaultyPredictor:
@@ -35,7 +35,7 @@ class FaultyPredictor:
 
 def faulty_predictor(settings: Settings) -> FaultyPredictor:
     return FaultyPredictor(
-        load_predictor(settings),
+        served_predictor(settings),
         float(os.environ.get("FAULT_DELAY_S", "0")),
         os.environ.get("FAULT_CRASH_ON_BLACK") == "1",
     )

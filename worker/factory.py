@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from queue import Queue
 
 import numpy as np
@@ -72,7 +73,7 @@ class ReceivedTasks:
         return ids
 
 
-def load_predictor(settings: Settings):
+def served_predictor(settings: Settings):
     """The served model, as the settings ask for it."""
     from shared.predictor import load_predictor  # loads TensorFlow or OpenVINO: only ever after the fork
 
@@ -85,14 +86,14 @@ def load_predictor(settings: Settings):
     )
 
 
-def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], object] = load_predictor):
+def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], object] = served_predictor):
     """settings.worker_role "predict" loads the model (make_predictor) in each pool process;
-    "fetch" (many threads) never does."""
+    "fetch" (many threads) never does. The tasks and signal handlers below are plain functions:
+    this wires them to the app and to its WorkerState (app.state)."""
     app = celery_init_app(settings)
-    role = settings.worker_role
     # celery-batches counts messages, and a message holds up to predict_chunk jobs.
     flush_every = math.ceil(settings.predict_batch_size / app.conf.predict_chunk)
-    if role == "predict":
+    if settings.worker_role == "predict":
         # celery-batches gathers the messages it has received: the prefetch window must hold a batch.
         app.conf.worker_prefetch_multiplier = 2 * flush_every
         # A pool child loads the model before it reports for work; Celery kills one that takes
@@ -106,66 +107,74 @@ def create_worker_app(settings: Settings, make_predictor: Callable[[Settings], o
         decode_budget=DecodeBudget(settings.decode_budget_bytes),
     )
     app.state = state
-    received = ReceivedTasks()
-
-    # shared=False: the tasks belong to this app alone (Celery's default adds a task to every
-    # app made afterwards, so a second app in one process would run the first one's tasks).
-    @app.task(
-        name=PREDICT_TASK,
-        base=ReconnectingBatches,
-        flush_every=flush_every,
-        flush_interval=settings.predict_batch_wait_ms / 1000.0,
-        acks_late=True,
-        shared=False,
-    )
-    def predict(requests):
-        # Every message that arrived within the wait: their jobs in model calls of at most
-        # PREDICT_BATCH_SIZE images (one call, unless the messages hold more).
-        t0 = time.perf_counter()
-        outcomes = predict_jobs(state, [dict(job) for r in requests for job in predict_jobs_of(r.kwargs)])
-        send_task_events(app, requests, outcomes, time.perf_counter() - t0)
-
     state.store.on_webhooks_due = lambda batch_ids: until_redis_answers(enqueue_webhooks, app, batch_ids)
 
-    @app.task(name=WEBHOOK_TASK, acks_late=True, shared=False)
-    def webhook(batch_id: str):
-        deliver_webhook(state, batch_id)
+    # bind=True: a task finds its state as task.app.state. shared=False: the tasks belong to this
+    # app alone (Celery's default adds a task to every app made afterwards, so a second app in one
+    # process would run the first one's tasks).
+    batches = dict(flush_every=flush_every, flush_interval=settings.predict_batch_wait_ms / 1000.0)
+    app.task(name=PREDICT_TASK, base=ReconnectingBatches, bind=True, acks_late=True, shared=False, **batches)(predict)
+    app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, shared=False)(webhook)
+    app.task(name=FETCH_TASK, bind=True, acks_late=True, shared=False)(fetch)
 
-    @app.task(name=FETCH_TASK, acks_late=True, shared=False)
-    def fetch(job_id: str, url: str, top_k: int = TOP_K_DEFAULT):
-        fetch_job(state, FetchTask(job_id, url, top_k))
-
-    @signals.setup_logging.connect(weak=False)
-    def configure_logging(**_):  # connected: Celery leaves logging to us
-        setup_logging("worker", settings.log_json)
-
-    @signals.worker_process_init.connect(weak=False)
-    def start_pool_process(**_):
-        if role == "predict":
-            _start_predicting(state, make_predictor)
-
-    @signals.worker_init.connect(weak=False)
-    def start_main_process(sender=None, **_):
-        # Pools without child processes (solo, threads) never fire worker_process_init.
-        if role == "predict" and sender is not None and sender.pool_cls.__module__.split(".")[-1] in ("solo", "thread"):
-            _start_predicting(state, make_predictor)
-
-    @signals.task_received.connect(weak=False)
-    def remember_received(request=None, **_):  # in the process that takes messages off the queue
-        if request.name == PREDICT_TASK:
-            received.add(*(job.get("job_id", "") for job in predict_jobs_of(request.kwargs)))
-        else:
-            received.add(request.id)
-
-    @signals.worker_ready.connect(weak=False)
-    def start_beating(**_):
-        node = node_name()
-        threading.Thread(target=_consumer_heartbeat, args=(state, received, node), daemon=True, name="consumer").start()
-        threading.Thread(target=run_janitor, args=(state, node), daemon=True, name="janitor").start()
-        if role == "fetch":
-            threading.Thread(target=run_image_sweeper, args=(state, node), daemon=True, name="image-sweep").start()
-
+    received = ReceivedTasks()
+    handlers = [
+        (signals.setup_logging, partial(configure_logging, settings)),  # connected: Celery leaves logging to us
+        (signals.worker_process_init, partial(start_pool_process, state, make_predictor)),
+        (signals.worker_init, partial(start_main_process, state, make_predictor)),
+        (signals.task_received, partial(remember_received, received)),  # in the process taking messages
+        (signals.worker_ready, partial(start_beating, state, received)),
+    ]
+    for signal, handler in handlers:
+        signal.connect(handler, weak=False)
     return app
+
+
+def predict(task, requests):
+    """Every message that arrived within the wait: their jobs in model calls of at most
+    PREDICT_BATCH_SIZE images (one call, unless the messages hold more)."""
+    t0 = time.perf_counter()
+    outcomes = predict_jobs(task.app.state, [dict(job) for r in requests for job in predict_jobs_of(r.kwargs)])
+    send_task_events(task.app, requests, outcomes, time.perf_counter() - t0)
+
+
+def webhook(task, batch_id: str):
+    deliver_webhook(task.app.state, batch_id)
+
+
+def fetch(task, job_id: str, url: str, top_k: int = TOP_K_DEFAULT):
+    fetch_job(task.app.state, FetchTask(job_id, url, top_k))
+
+
+def configure_logging(settings: Settings, **_):
+    setup_logging("worker", settings.log_json)
+
+
+def start_pool_process(state: WorkerState, make_predictor, **_):
+    if state.settings.worker_role == "predict":
+        _start_predicting(state, make_predictor)
+
+
+def start_main_process(state: WorkerState, make_predictor, sender=None, **_):
+    # Pools without child processes (solo, threads) never fire worker_process_init.
+    pool = sender.pool_cls.__module__.split(".")[-1] if sender is not None else ""
+    if state.settings.worker_role == "predict" and pool in ("solo", "thread"):
+        _start_predicting(state, make_predictor)
+
+
+def remember_received(received: ReceivedTasks, request=None, **_):
+    if request.name == PREDICT_TASK:
+        received.add(*(job.get("job_id", "") for job in predict_jobs_of(request.kwargs)))
+    else:
+        received.add(request.id)
+
+
+def start_beating(state: WorkerState, received: ReceivedTasks, **_):
+    node = node_name()
+    threading.Thread(target=_consumer_heartbeat, args=(state, received, node), daemon=True, name="consumer").start()
+    threading.Thread(target=run_janitor, args=(state, node), daemon=True, name="janitor").start()
+    if state.settings.worker_role == "fetch":
+        threading.Thread(target=run_image_sweeper, args=(state, node), daemon=True, name="image-sweep").start()
 
 
 def send_task_events(app, requests, outcomes: dict[str, tuple[str, str]], runtime: float) -> None:
@@ -193,21 +202,19 @@ class ReconnectingBatches(Batches):
 
     Celery rebuilds task strategies when its consumer reconnects, with a new timer. Batches
     keeps its flush timer from the old one (dead), so buffered messages would wait until a
-    full batch arrived: the soak test left jobs stuck that way after a Redis restart. The
-    buffered messages belong to the lost connection (they can no longer be acknowledged), so
-    the buffer starts empty, and their tasks are queued again at once: left to the broker, they
-    came back only after the visibility timeout (a minute, in the compose test).
+    full batch arrived. The buffered messages belong to the lost connection (they can no longer
+    be acknowledged), so the buffer starts empty, and their tasks are queued again at once:
+    left to the broker, they would come back only after the visibility timeout.
 
     The same goes for batches already handed to the pool that no child had taken yet: on a lost
     connection Celery's consumer empties the pool's outgoing buffer ("the tasks will be
-    redelivered by the broker anyway", AsynPool.flush), which the compose Redis-restart test
-    saw as 7 messages (112 jobs) held by a live worker that waited out the visibility timeout.
+    redelivered by the broker anyway", AsynPool.flush).
 
     And a batch whose pool child dies (the OOM killer, the hard time limit) is queued again at
     once, and its messages acknowledged. celery-batches hands a batch to the pool without an
-    error callback, so those messages were neither acknowledged nor rejected: their jobs waited
-    for the visibility timeout (`task_reject_on_worker_lost` covers plain tasks only), and each
-    loss kept a prefetch slot, until enough kills left a worker that beat but took nothing."""
+    error callback, so those messages would be neither acknowledged nor rejected: their jobs
+    would wait for the visibility timeout (`task_reject_on_worker_lost` covers plain tasks
+    only), and each loss would keep a prefetch slot."""
 
     def __init__(self):
         super().__init__()
@@ -291,7 +298,7 @@ def _model_heartbeat(state: WorkerState) -> None:
 def _consumer_heartbeat(state: WorkerState, received: ReceivedTasks, node: str) -> None:
     """Record what this process received as soon as it arrives (a worker killed a second after
     taking its messages must have said which they were), with the deadline of its jobs, and beat.
-    Nothing else runs here: a slow janitor pass or image sweep once made a live worker look dead."""
+    Nothing else runs here: a slow janitor pass or image sweep would make a live worker look dead."""
     s = state.settings
     keep = s.hold_deadline_seconds  # by then a task is finished, or its job is past its deadline
     pending: list[str] = []  # received, but not yet recorded (Redis was away)
