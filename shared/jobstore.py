@@ -322,13 +322,11 @@ class JobStore:
 
         A caller that retries when Redis does not answer passes the same `write_id` each time
         (new_id(), made once): a write that was done but whose answer was lost then answers 1
-        again instead of "refused". Found by the compose Redis-restart test: a result was
-        written just before the restart, the retry was refused, and no worker counted or logged
-        the job as done.
+        again instead of "refused", so that the job is counted and logged as done once.
 
         A job named twice in one call changes once: its later copies are refused (0), as a
-        duplicate delivery is. (With a write id the Lua script alone would answer 1 for each copy,
-        as for a retry: the compose Redis-restart test saw 16 jobs logged as done twice.)"""
+        duplicate delivery is. (With a write id the Lua script alone would answer 1 for each
+        copy, as for a retry, and the job would be logged as done twice.)"""
         if not job_ids:
             return []
         per_job = fields if isinstance(fields, list) else [fields or {}] * len(job_ids)

@@ -201,10 +201,9 @@ def _requeue_taken(state, taken: list[tuple[str, float]], now: float, why: str) 
 
 def rescue_unrecorded_tasks(state, now: float | None = None) -> int:
     """Queue again the unfinished jobs whose message a worker took but no live worker recorded
-    (kombu's Redis transport: its unacknowledged index says when it handed each one over).
-
-    The compose kill test found it: 2 of the 128 messages the killed container held had been
-    handed over but not yet recorded, so the dead worker's held set did not name them."""
+    (kombu's Redis transport: its unacknowledged index says when it handed each one over): a
+    worker killed between taking a message and recording it leaves a held set that does not
+    name it."""
     store = state.store
     now = time.time() if now is None else now
     handed = store.unacknowledged_before(now - RECORD_GRACE_SECONDS)

@@ -38,7 +38,7 @@ def predict_jobs(state: WorkerState, messages: list[dict]) -> dict[str, tuple[st
     First deliveries are predicted together, in one model call. A job delivered a second time
     was in a batch whose worker died or timed out: those run together once more, in a call of
     their own (most such losses are the OOM killer or a crashed machine, not the images, and a
-    600-image batch run one image at a time took 25 s to recover on Zen 4). A job delivered a
+    large batch run one image at a time takes many times its batched time). A job delivered a
     third time is a suspect and runs alone, so that an image that kills or hangs the model
     takes down only itself and, after TASK_MAX_ATTEMPTS solo runs, fails as `poison`.
     """

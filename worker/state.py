@@ -38,8 +38,8 @@ def until_redis_answers(fn, *args, deadline_s: float = 600.0, **kwargs):
     """Results must not be lost while Redis restarts: retry the write until it answers. A status
     change passes a write_id (new_id()), made once here, so that a retry of a write whose answer
     was lost counts as that write (see JobStore.transition). Publishing a task raises kombu's
-    OperationalError, not RedisError: retried too (a publish that failed once aborted the rest of
-    a batch whose results were written, and left its other jobs `running`)."""
+    OperationalError, not RedisError: retried too (a publish that failed once would abort the
+    rest of a batch whose results are written, and leave its other jobs `running`)."""
     delay, deadline = 0.2, time.monotonic() + deadline_s
     while True:
         try:
