@@ -13,11 +13,22 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.metrics import QueueDepth, scrape_registry
-from shared.schemas import FINAL_STATUSES, ID_PATTERN, Batch, BatchCreated, Job, JobCreated, JobSummary, Links
+from shared.schemas import (
+    FINAL_STATUSES,
+    ID_PATTERN,
+    Batch,
+    BatchCreated,
+    Health,
+    Job,
+    JobCreated,
+    JobSummary,
+    Links,
+    Readiness,
+)
 from web import idempotency
 from web.errors import ApiError
 from web.extensions import submissions
-from web.openapi import build_openapi
+from web.openapi import SUBMIT_ERRORS, build_openapi, documented
 from web.submit import create_submission, parse_submission, prepare_submission, store_submission
 
 api = Blueprint("api", __name__)
@@ -65,6 +76,15 @@ def _json(model, status: int = 200, headers: dict | None = None):
 
 
 @api.post("/api/v1/batches")
+@documented(
+    "createBatch",
+    "Submit up to {settings.max_batch_items} images and/or URLs",
+    {"202": ("Accepted", BatchCreated)},
+    errors=SUBMIT_ERRORS,
+    submits=True,
+    description="Items that are not usable become failed jobs with their reason; a "
+    "request in which no item is usable is answered with that error.",
+)
 @submissions
 def post_batch():
     def answer(batch_id: str, records: list[dict]):
@@ -77,6 +97,13 @@ def post_batch():
 
 
 @api.post("/api/v1/jobs")
+@documented(
+    "createJob",
+    "Submit exactly one image or URL",
+    {"202": ("Accepted", JobCreated)},
+    errors=SUBMIT_ERRORS,
+    submits=True,
+)
 @submissions
 def post_job():
     def answer(batch_id: str, records: list[dict]):
@@ -114,6 +141,12 @@ def _submitted(sub, answer):
 
 
 @api.post("/api/v1/batches/<batch_id>/cancel")
+@documented(
+    "cancelBatch",
+    "Cancel every unfinished job of a batch (finished ones keep their results; again is a no-op)",
+    {"200": ("The batch, cancelled", Batch)},
+    errors=("404", "503"),
+)
 def cancel_batch(batch_id: str):
     """Every unfinished job of the batch is cancelled (finished ones keep their results)."""
     store = _ext("jobs")
@@ -128,6 +161,7 @@ def cancel_batch(batch_id: str):
 
 
 @api.post("/api/v1/jobs/<job_id>/cancel")
+@documented("cancelJob", "Cancel a job if it is not finished", {"200": ("The job", Job)}, errors=("404", "503"))
 def cancel_job(job_id: str):
     store = _ext("jobs")
     if not _ID.match(job_id) or store.get_job(job_id) is None:
@@ -137,6 +171,9 @@ def cancel_job(job_id: str):
 
 
 @api.get("/api/v1/jobs/<job_id>")
+@documented(
+    "getJob", "A job's status and predictions", {"200": ("The job", Job)}, errors=("400", "404", "503"), query=("wait",)
+)
 def get_job(job_id: str):
     store = _ext("jobs")
     record = store.get_job(job_id) if _ID.match(job_id) else None
@@ -169,6 +206,13 @@ def _wait_for_job(store, record: dict, deadline: float) -> dict:
 
 
 @api.get("/api/v1/batches/<batch_id>")
+@documented(
+    "getBatch",
+    "A batch: counts per status and every job",
+    {"200": ("The batch", Batch)},
+    errors=("400", "404", "503"),
+    query=("wait", "since"),
+)
 def get_batch(batch_id: str):
     store, settings = _ext("jobs"), _ext("settings")
     if not _ID.match(batch_id):
@@ -219,7 +263,7 @@ def _float_arg(name: str, default: float, low: float, high: float) -> float:
 @api.get("/api/v1/openapi.json")
 def openapi():
     if "openapi" not in current_app.extensions:
-        current_app.extensions["openapi"] = build_openapi(_ext("settings"))
+        current_app.extensions["openapi"] = build_openapi(_ext("settings"), current_app)
     return jsonify(current_app.extensions["openapi"])
 
 
@@ -242,11 +286,17 @@ def metrics():
 
 
 @api.get("/healthz")
+@documented("health", "The process is up", {"200": ("Up", Health)})
 def healthz():
     return jsonify(status="ok")
 
 
 @api.get("/readyz")
+@documented(
+    "ready",
+    "Redis answers and a worker with the model is alive",
+    {"200": ("Ready", Readiness), "503": ("Not ready", Readiness)},
+)
 def readyz():
     store, settings = _ext("jobs"), _ext("settings")
     checks = {}

@@ -1,7 +1,16 @@
-"""The OpenAPI 3.1 document, generated from shared/schemas.py (the models the code validates with)."""
+"""The OpenAPI 3.1 document, generated from the routes and shared/schemas.py.
+
+Each API route carries its operation (`@documented`, beside the route itself); build_openapi
+walks the app's URL map, so the paths, methods and path parameters are the ones Flask serves,
+and every body is a pydantic model the code validates or answers with."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+from flask import Flask
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from shared import formats
@@ -19,72 +28,132 @@ ERRORS = {
     "429": "Too many submissions from this client; see Retry-After.",
     "503": "Redis is unavailable; nothing was stored. See Retry-After.",
 }
+SUBMIT_ERRORS = ("400", "409", "413", "415", "422", "429", "503")
 _MODELS = [s.UrlSubmission, s.ErrorResponse, s.BatchCreated, s.JobCreated, s.Job, s.Batch, s.Health, s.Readiness]
 
 
-def _ref(model) -> dict:
+@dataclass(frozen=True)
+class Operation:
+    operation_id: str
+    summary: str  # may name settings: "{settings.max_batch_items}"
+    responses: dict  # status -> (description, model)
+    errors: tuple = ()  # statuses answered with an ErrorResponse (ERRORS says when)
+    query: tuple = ()  # names in QUERY_PARAMETERS
+    submits: bool = False  # takes a submission body and an Idempotency-Key, answers 202 with Location
+    description: str = ""
+
+
+def documented(operation_id: str, summary: str, responses: dict, **more):
+    """This route's OpenAPI operation (see Operation), kept on its view function. Put it right
+    under the route decorator, so that it marks the function Flask registers."""
+
+    def attach(view):
+        view.openapi = Operation(operation_id, summary, responses, **more)
+        return view
+
+    return attach
+
+
+def _ref(model: type[BaseModel]) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _json(model) -> dict:
+def _json(model: type[BaseModel]) -> dict:
     return {"application/json": {"schema": _ref(model)}}
 
 
-def _errors(*codes: str) -> dict:
-    return {c: {"description": ERRORS[c], "content": _json(s.ErrorResponse)} for c in codes}
+def _query_parameters(settings: Settings) -> dict:
+    return {
+        "wait": {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": f"Long-poll: answer when something changed, or after this many seconds "
+            f"(at most {settings.long_poll_max_seconds:g}).",
+            "schema": {"type": "number", "minimum": 0},
+        },
+        "since": {
+            "name": "since",
+            "in": "query",
+            "required": False,
+            "description": "The version you already have: answer only the jobs "
+            "changed since (and, with wait, wait for a change).",
+            "schema": {"type": "integer"},
+        },
+    }
 
 
-def build_openapi(settings: Settings) -> dict:
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": f"Printable, at most {KEY_MAX_LENGTH} characters. The same key from the same client "
+    "within the retention period answers with the original batch (Idempotent-Replayed: true) and "
+    "queues nothing again; with another request it is a 422.",
+    "schema": {"type": "string", "maxLength": KEY_MAX_LENGTH},
+}
+ACCEPTED_HEADERS = {
+    "Location": {"schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "schema": {"type": "string", "enum": ["true", "false"]},
+        "description": "Sent with an Idempotency-Key: whether this answer is the original one, replayed.",
+    },
+}
+# The multipart form web/submit.py parse_submission reads (JSON bodies are s.UrlSubmission).
+MULTIPART_SUBMISSION = {
+    "type": "object",
+    "properties": {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": f"Image files ({formats.NAMES}).",
+        },
+        "urls": {"type": "string", "description": "Image URLs, one per line."},
+        "top_k": s.top_k_adapter.json_schema() | {"default": s.TOP_K_DEFAULT},
+        "webhook_url": {
+            "type": "string",
+            "description": "POSTed the batch summary, signed, once the batch "
+            "is finished (needs WEBHOOK_SECRET on the server).",
+        },
+    },
+}
+
+
+def _operation(op: Operation, path_arguments: list[str], settings: Settings) -> dict:
+    query = _query_parameters(settings)
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": s.ID_PATTERN}}
+        for name in path_arguments  # every id in a path is one of ours
+    ] + [query[name] for name in op.query]
+    responses = {status: {"description": d, "content": _json(model)} for status, (d, model) in op.responses.items()}
+    responses |= {c: {"description": ERRORS[c], "content": _json(s.ErrorResponse)} for c in op.errors}
+    out = {"operationId": op.operation_id, "summary": op.summary.format(settings=settings)}
+    if op.description:
+        out["description"] = op.description
+    if op.submits:
+        parameters.insert(0, IDEMPOTENCY_KEY)
+        out["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": MULTIPART_SUBMISSION}} | _json(s.UrlSubmission),
+        }
+        responses["202"]["headers"] = ACCEPTED_HEADERS
+    if parameters:
+        out["parameters"] = parameters
+    out["responses"] = responses
+    return out
+
+
+def build_openapi(settings: Settings, app: Flask) -> dict:
+    """The document for every route of `app` that carries an operation (@documented)."""
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
-    multipart = {
-        "type": "object",
-        "properties": {
-            "images": {
-                "type": "array",
-                "items": {"type": "string", "format": "binary"},
-                "description": f"Image files ({formats.NAMES}).",
-            },
-            "urls": {"type": "string", "description": "Image URLs, one per line."},
-            "top_k": s.top_k_adapter.json_schema() | {"default": s.TOP_K_DEFAULT},
-            "webhook_url": {
-                "type": "string",
-                "description": "POSTed the batch summary, signed, once the batch "
-                "is finished (needs WEBHOOK_SECRET on the server).",
-            },
-        },
-    }
-    idempotency_key = {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "description": f"Printable, at most {KEY_MAX_LENGTH} characters. The same key from the same client "
-        "within the retention period answers with the original batch (Idempotent-Replayed: true) and "
-        "queues nothing again; with another request it is a 422.",
-        "schema": {"type": "string", "maxLength": KEY_MAX_LENGTH},
-    }
-    accepted_headers = {
-        "Location": {"schema": {"type": "string"}},
-        "Idempotent-Replayed": {
-            "schema": {"type": "string", "enum": ["true", "false"]},
-            "description": "Sent with an Idempotency-Key: whether this answer is the original one, replayed.",
-        },
-    }
-    submit_body = {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": multipart},
-            "application/json": {"schema": _ref(s.UrlSubmission)},
-        },
-    }
-    hex_id = {"type": "string", "pattern": s.ID_PATTERN}
-    wait = {
-        "name": "wait",
-        "in": "query",
-        "required": False,
-        "description": f"Long-poll: answer when something changed, or after this many seconds "
-        f"(at most {settings.long_poll_max_seconds:g}).",
-        "schema": {"type": "number", "minimum": 0},
-    }
+    paths: dict = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        op = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        if op is None:
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)  # Flask's <name> -> OpenAPI's {name}
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(op, sorted(rule.arguments), settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -93,114 +162,6 @@ def build_openapi(settings: Settings) -> dict:
             "description": "Submit images or image URLs; poll jobs and batches for their top "
             'classes. Errors are always {"error": {"code", "message"}}.',
         },
-        "paths": {
-            "/api/v1/batches": {
-                "post": {
-                    "operationId": "createBatch",
-                    "parameters": [idempotency_key],
-                    "summary": f"Submit up to {settings.max_batch_items} images and/or URLs",
-                    "description": "Items that are not usable become failed jobs with their reason; a "
-                    "request in which no item is usable is answered with that error.",
-                    "requestBody": submit_body,
-                    "responses": {
-                        "202": {
-                            "description": "Accepted",
-                            "content": _json(s.BatchCreated),
-                            "headers": accepted_headers,
-                        },
-                        **_errors("400", "409", "413", "415", "422", "429", "503"),
-                    },
-                }
-            },
-            "/api/v1/jobs": {
-                "post": {
-                    "operationId": "createJob",
-                    "parameters": [idempotency_key],
-                    "summary": "Submit exactly one image or URL",
-                    "requestBody": submit_body,
-                    "responses": {
-                        "202": {
-                            "description": "Accepted",
-                            "content": _json(s.JobCreated),
-                            "headers": accepted_headers,
-                        },
-                        **_errors("400", "409", "413", "415", "422", "429", "503"),
-                    },
-                }
-            },
-            "/api/v1/jobs/{job_id}": {
-                "get": {
-                    "operationId": "getJob",
-                    "summary": "A job's status and predictions",
-                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": hex_id}, wait],
-                    "responses": {
-                        "200": {"description": "The job", "content": _json(s.Job)},
-                        **_errors("400", "404", "503"),
-                    },
-                }
-            },
-            "/api/v1/batches/{batch_id}": {
-                "get": {
-                    "operationId": "getBatch",
-                    "summary": "A batch: counts per status and every job",
-                    "parameters": [
-                        {"name": "batch_id", "in": "path", "required": True, "schema": hex_id},
-                        wait,
-                        {
-                            "name": "since",
-                            "in": "query",
-                            "required": False,
-                            "description": "The version you already have: answer only the jobs "
-                            "changed since (and, with wait, wait for a change).",
-                            "schema": {"type": "integer"},
-                        },
-                    ],
-                    "responses": {
-                        "200": {"description": "The batch", "content": _json(s.Batch)},
-                        **_errors("400", "404", "503"),
-                    },
-                }
-            },
-            "/api/v1/batches/{batch_id}/cancel": {
-                "post": {
-                    "operationId": "cancelBatch",
-                    "summary": "Cancel every unfinished job of a batch (finished ones keep their results; "
-                    "again is a no-op)",
-                    "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": hex_id}],
-                    "responses": {
-                        "200": {"description": "The batch, cancelled", "content": _json(s.Batch)},
-                        **_errors("404", "503"),
-                    },
-                }
-            },
-            "/api/v1/jobs/{job_id}/cancel": {
-                "post": {
-                    "operationId": "cancelJob",
-                    "summary": "Cancel a job if it is not finished",
-                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": hex_id}],
-                    "responses": {
-                        "200": {"description": "The job", "content": _json(s.Job)},
-                        **_errors("404", "503"),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "The process is up",
-                    "responses": {"200": {"description": "Up", "content": _json(s.Health)}},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "ready",
-                    "summary": "Redis answers and a worker with the model is alive",
-                    "responses": {
-                        "200": {"description": "Ready", "content": _json(s.Readiness)},
-                        "503": {"description": "Not ready", "content": _json(s.Readiness)},
-                    },
-                }
-            },
-        },
+        "paths": paths,
         "components": {"schemas": defs["$defs"]},
     }

@@ -52,7 +52,7 @@ def batch_page(batch_id: str):
 
 @pages.get("/api/docs")
 def api_docs():
-    return render_template("api_docs.html", spec=build_openapi(current_app.extensions["settings"]))
+    return render_template("api_docs.html", spec=build_openapi(current_app.extensions["settings"], current_app))
 
 
 @pages.get("/images/<sha>.jpg")
