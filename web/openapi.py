@@ -143,6 +143,9 @@ def _operation(op: Operation, path_arguments: list[str], settings: Settings) -> 
     return out
 
 
+_PATH_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # <name> or <converter:name>
+
+
 def build_openapi(settings: Settings, app: Flask) -> dict:
     """The document for every route of `app` that carries an operation (@documented)."""
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
@@ -151,9 +154,10 @@ def build_openapi(settings: Settings, app: Flask) -> dict:
         op = getattr(app.view_functions[rule.endpoint], "openapi", None)
         if op is None:
             continue
-        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)  # Flask's <name> -> OpenAPI's {name}
+        path = _PATH_ARGUMENT.sub(r"{\1}", rule.rule)  # Flask's <name> -> OpenAPI's {name}
+        arguments = _PATH_ARGUMENT.findall(rule.rule)  # in the order of the path
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            paths.setdefault(path, {})[method.lower()] = _operation(op, sorted(rule.arguments), settings)
+            paths.setdefault(path, {})[method.lower()] = _operation(op, arguments, settings)
     return {
         "openapi": "3.1.0",
         "info": {
