@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import math
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -200,6 +201,86 @@ class NewJob:
     pixels: str = ""  # the preprocessed image, base64 (shared.images.PreparedImage.pixels_b64)
 
 
+class BatchChanges:
+    """Every batch's change events (batch:<id>:events), on one subscription per process.
+
+    A long-poll waits on an Event that this process's listener sets, not on a subscription of
+    its own: redis-py closes a PubSub's connection when it is done with it, so each poll opened
+    a new TCP connection to Redis and subscribed and unsubscribed on it. Whenever the listener
+    is not subscribed (starting, or Redis away) an event can be missed, so every waiter also
+    checks the version once a second. The listener stops after IDLE_SECONDS without waiters."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self, client: redis.Redis):
+        self._redis, self._lock = client, threading.Lock()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._listening, self._subscribed = False, threading.Event()
+
+    def wait(self, batch_id: str, changed, timeout: float) -> None:
+        """Return when changed() is true (checked first, then at each event of the batch and
+        at least once a second), or after timeout."""
+        deadline, event = time.monotonic() + timeout, threading.Event()
+        with self._lock:
+            self._waiters.setdefault(batch_id, set()).add(event)
+            if not self._listening:
+                self._listening = True
+                threading.Thread(target=self._listen, daemon=True, name="batch-changes").start()
+        self._subscribed.wait(min(timeout, 0.5))  # a listener just started: until Redis confirms it
+        try:
+            # Registered first, then checked: a change between the two sets the event.
+            while not changed():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                event.wait(min(left, 1.0))
+                event.clear()
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(batch_id, set())
+                waiting.discard(event)
+                if not waiting:
+                    self._waiters.pop(batch_id, None)
+
+    def _listen(self) -> None:
+        idle_since = time.monotonic()
+        pubsub = None
+        while True:
+            with self._lock:
+                if self._waiters:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > self.IDLE_SECONDS:
+                    self._listening = False
+                    self._subscribed.clear()
+                    break
+            try:
+                if pubsub is None:
+                    pubsub = self._redis.pubsub()
+                    pubsub.psubscribe(batch_key("*", "events"))
+                message = pubsub.get_message(timeout=1.0)
+            except redis.RedisError:  # Redis away: the waiters check once a second meanwhile
+                self._subscribed.clear()
+                pubsub = self._close(pubsub)
+                time.sleep(0.5)
+                continue
+            if message and message.get("type") == "psubscribe":  # from now on no event is missed
+                self._subscribed.set()
+            elif message and message.get("type") == "pmessage":
+                batch_id = str(message["channel"])[len(BATCH_PREFIX) : -len(":events")]
+                with self._lock:
+                    for event in self._waiters.get(batch_id, ()):
+                        event.set()
+        self._close(pubsub)
+
+    @staticmethod
+    def _close(pubsub) -> None:
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, retention_seconds: int):
         self.redis = client
@@ -210,6 +291,7 @@ class JobStore:
         self._release = client.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
         )
+        self._changes = BatchChanges(client)
         # Called with the ids of batches whose last job a transition just finished and whose
         # webhook is due (worker and web set it to queue the delivery; see webhooks:due).
         self.on_webhooks_due = lambda batch_ids: None
@@ -565,18 +647,7 @@ class JobStore:
 
     def wait_for_change(self, batch_id: str, since_version: int, timeout: float) -> None:
         """Block until the batch's version passes since_version, or timeout (long-polling)."""
-        deadline = time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(batch_key(batch_id, "events"))
-            # Subscribed first, then checked: a change between the two cannot be missed.
-            while (v := self.batch_version(batch_id)) is not None and v <= since_version:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                pubsub.get_message(timeout=min(left, 1.0))
-        finally:
-            pubsub.close()
+        self._changes.wait(batch_id, lambda: (v := self.batch_version(batch_id)) is None or v > since_version, timeout)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())

@@ -127,6 +127,20 @@ def test_wait_for_change_returns_on_a_change_and_times_out_otherwise(store):
     assert time.monotonic() - t0 < 5  # woken by the change, not by the 10 s timeout
 
 
+def test_long_polls_share_one_subscription_and_wake_at_the_change(store):
+    """Each long-poll subscribed on a PubSub of its own, and redis-py closes a PubSub's
+    connection when done: every poll opened a TCP connection to Redis (issue 23)."""
+    batches = [store.create_batch([NewJob("upload", f"{i}.png")], 3) for i in range(20)]
+    store.wait_for_change(batches[0][0], store.batch_version(batches[0][0]), 0.1)  # the listener starts
+    opened = store.redis.info("stats")["total_connections_received"]
+    for batch_id, [rec] in batches:
+        threading.Timer(0.05, store.mark_running, args=([rec["job_id"]],)).start()
+        t0 = time.monotonic()
+        store.wait_for_change(batch_id, store.batch_version(batch_id), 10)
+        assert time.monotonic() - t0 < 0.8  # woken by its event, not by the once-a-second check
+    assert store.redis.info("stats")["total_connections_received"] - opened <= 2
+
+
 def test_since_a_version_only_changed_jobs_are_read(store):
     batch_id, records = store.create_batch([NewJob("upload", f"{i}.png") for i in range(5)], 3)
     v0 = public_batch(store, batch_id)["version"]
