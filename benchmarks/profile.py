@@ -47,8 +47,8 @@ class Sampler:
 
     def __enter__(self):
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(self.pid), "--subprocesses", "--rate", str(RATE), "--gil"]
-            + ["--format", "raw", "--nonblocking", "--output", str(self.out)],
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(self.pid), "--subprocesses"]
+            + ["--rate", str(RATE), "--gil", "--format", "raw", "--nonblocking", "--output", str(self.out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
