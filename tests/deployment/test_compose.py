@@ -341,16 +341,19 @@ def test_a_25_s_long_poll_passes_through_nginx(stack, worker_kill):
 
 @pytest.fixture(scope="module")
 def redis_restart(stack, test_images, worker_kill):
-    """A 1,000-image batch; when a tenth is done, restart the Redis container (SIGTERM: Redis
-    writes its AOF and exits; the same volume comes back). The worker containers have a
-    quarter of a CPU each meanwhile (see worker_kill)."""
+    """A 1,000-image batch; when nine tenths are done, restart the Redis container (SIGTERM:
+    Redis writes its AOF and exits; the same volume comes back). The worker containers have a
+    quarter of a CPU each meanwhile (see worker_kill). Nine tenths, not one: restarted at a
+    tenth, the figure was mostly the 900 images left, predicted at a quarter CPU: 8 s with the
+    CIFAR JPEGs, 21.6 s on a clone without ../shared, whose random PNGs take the cascade's every
+    pass (a fresh-clone CI failed on it)."""
     wait_ready(stack, timeout=120)  # the killed worker container is back
     images = test_images[1300:2300]
     assert stack.redis("CONFIG", "GET", "appendonly").split() == ["appendonly", "yes"]
     with slowed_workers(stack, "0.25"):
         t0 = time.monotonic()
         submitted = stack.submit(as_files(images))
-        _wait_done(stack, submitted["batch_id"], len(images) // 10)
+        _wait_done(stack, submitted["batch_id"], 9 * len(images) // 10)
         [redis] = stack.compose.containers("redis")
         restarted_at = time.time()
         docker("restart", "-t", "10", redis)
